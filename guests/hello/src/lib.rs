@@ -1,0 +1,34 @@
+//! A `wasi:http/proxy` guest that answers every request with `200` and a
+//! greeting (or the `GREETING` variable from the formation's `env`).
+//! It is the component the examples and the benchmarks serve, and it runs
+//! unchanged under `wasmtime serve`.
+
+use std::io::Write as _;
+
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
+
+wasip2::http::proxy::export!(Hello);
+
+struct Hello;
+
+impl wasip2::exports::http::incoming_handler::Guest for Hello {
+    fn handle(_request: IncomingRequest, response_out: ResponseOutparam) {
+        let greeting = std::env::var("GREETING").unwrap_or_else(|_| "Hello".to_string());
+        let headers = Fields::from_list(&[(
+            "content-type".to_string(),
+            b"text/plain; charset=utf-8".to_vec(),
+        )])
+        .expect("static header is valid");
+        let response = OutgoingResponse::new(headers);
+        let body = response.body().expect("body is taken once");
+        ResponseOutparam::set(response_out, Ok(response));
+        let mut out = body.write().expect("stream is taken once");
+        out.write_all(format!("{greeting} from wasmproc\n").as_bytes())
+            .expect("write response body");
+        out.flush().expect("flush response body");
+        drop(out);
+        OutgoingBody::finish(body, None).expect("finish response body");
+    }
+}

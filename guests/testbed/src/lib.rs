@@ -1,0 +1,168 @@
+//! A `wasi:http/proxy` guest whose behaviour is chosen by the request path, so
+//! one component can exercise every way a guest can misbehave:
+//!
+//! | path                | what the guest does                                        |
+//! |---------------------|------------------------------------------------------------|
+//! | `/`                 | answers `testbed ok`                                       |
+//! | `/trap`             | panics (a trap)                                            |
+//! | `/loop`             | spins forever (stopped by the timeout or the fuel budget) |
+//! | `/memory`           | allocates 1 MiB blocks until memory runs out               |
+//! | `/sleep?ms=N`       | logs `sleeping N ms`, sleeps N ms, then answers            |
+//! | `/counter`          | increments a global and answers its value                  |
+//! | `/env?name=X`       | answers the value of X, or `unset`                         |
+//! | `/env`              | answers every variable it can see, one `K=V` per line      |
+//! | `/file?path=P`      | tries to read P and answers the content or the error       |
+//! | `/fetch?url=U`      | makes an outbound GET and answers the status or the error  |
+//! | `/echo`             | answers the request body                                   |
+//! | `/log?msg=M`        | prints M to stdout and to stderr                           |
+
+use std::io::{Read as _, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use wasip2::http::outgoing_handler;
+use wasip2::http::types::{
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
+    ResponseOutparam, Scheme,
+};
+
+wasip2::http::proxy::export!(Testbed);
+
+struct Testbed;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| value.replace("%2F", "/").replace("%3A", ":"))
+    })
+}
+
+fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
+    let response = OutgoingResponse::new(Fields::new());
+    response.set_status_code(status).expect("valid status");
+    let outgoing = response.body().expect("body is taken once");
+    ResponseOutparam::set(out, Ok(response));
+    let mut stream = outgoing.write().expect("stream is taken once");
+    // Write in chunks no larger than what the host accepts per call.
+    for chunk in body.chunks(4096) {
+        stream.write_all(chunk).expect("write response body");
+    }
+    stream.flush().expect("flush response body");
+    drop(stream);
+    OutgoingBody::finish(outgoing, None).expect("finish response body");
+}
+
+fn read_body(request: &IncomingRequest) -> Vec<u8> {
+    let body = request.consume().expect("body is consumed once");
+    let mut stream = body.stream().expect("stream is taken once");
+    let mut bytes = Vec::new();
+    let result = stream.read_to_end(&mut bytes);
+    drop(stream);
+    match result {
+        Ok(_) => bytes,
+        Err(e) => format!("body error: {e}").into_bytes(),
+    }
+}
+
+fn fetch(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some(("https", rest)) => (Scheme::Https, rest),
+        Some((_, rest)) => (Scheme::Http, rest),
+        None => (Scheme::Http, url),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let request = OutgoingRequest::new(Fields::new());
+    request.set_method(&Method::Get).expect("GET is valid");
+    request.set_scheme(Some(&scheme)).expect("scheme is valid");
+    request.set_authority(Some(authority)).expect("authority is valid");
+    request.set_path_with_query(Some(path)).expect("path is valid");
+    let body = request.body().expect("body is taken once");
+    OutgoingBody::finish(body, None).expect("empty body");
+    let future = match outgoing_handler::handle(request, None) {
+        Ok(future) => future,
+        Err(code) => return format!("error: {code:?}"),
+    };
+    future.subscribe().block();
+    match future.get() {
+        Some(Ok(Ok(response))) => format!("status {}", response.status()),
+        Some(Ok(Err(code))) => format!("error: {code:?}"),
+        other => format!("error: {other:?}"),
+    }
+}
+
+impl wasip2::exports::http::incoming_handler::Guest for Testbed {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let path_with_query = request.path_with_query().unwrap_or_default();
+        let (path, query) = path_with_query
+            .split_once('?')
+            .unwrap_or((path_with_query.as_str(), ""));
+        match path {
+            "/" => respond(out, 200, b"testbed ok\n"),
+            "/trap" => panic!("testbed was asked to trap"),
+            "/loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "/memory" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "/sleep" => {
+                let ms: u64 = query_param(query, "ms")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(100);
+                println!("sleeping {ms} ms");
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                respond(out, 200, format!("slept {ms}\n").as_bytes());
+            }
+            "/counter" => {
+                let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
+                respond(out, 200, format!("{n}\n").as_bytes());
+            }
+            "/env" => match query_param(query, "name") {
+                Some(name) => {
+                    let value = std::env::var(&name).unwrap_or_else(|_| "unset".to_string());
+                    respond(out, 200, format!("{value}\n").as_bytes());
+                }
+                None => {
+                    let mut all = String::new();
+                    for (k, v) in std::env::vars() {
+                        all.push_str(&format!("{k}={v}\n"));
+                    }
+                    respond(out, 200, all.as_bytes());
+                }
+            },
+            "/file" => {
+                let path = query_param(query, "path").unwrap_or_else(|| "/etc/passwd".into());
+                match std::fs::read_to_string(&path) {
+                    Ok(content) => respond(out, 200, content.as_bytes()),
+                    Err(e) => respond(out, 200, format!("denied: {e}\n").as_bytes()),
+                }
+            }
+            "/fetch" => {
+                let url = query_param(query, "url").unwrap_or_default();
+                respond(out, 200, format!("{}\n", fetch(&url)).as_bytes());
+            }
+            "/echo" => {
+                let body = read_body(&request);
+                respond(out, 200, &body);
+            }
+            "/log" => {
+                let msg = query_param(query, "msg").unwrap_or_else(|| "hello".into());
+                println!("{msg}");
+                eprintln!("{msg} on stderr");
+                respond(out, 200, b"logged\n");
+            }
+            _ => respond(out, 404, b"testbed: no such path\n"),
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! The formation: `formation.toml` parsed, validated and resolved.
+//!
+//! A formation names process types and how each one runs. This module turns
+//! the file into a [`Formation`] whose every value is already checked, so the
+//! rest of the host never re-validates and never sees a relative path.
+//!
+//! Invariants of a [`Formation`]:
+//! - every process type has a valid name, a `kind`, a component path that is
+//!   absolute (resolved against the formation file's folder), and limits
+//!   within [`limits`](crate::formation::ProcessType::limits)' documented bounds;
+//! - no two web routes are equal;
+//! - the `[http] listen` address has had `${VAR}` / `${VAR:-default}`
+//!   expanded and parses as a socket address.
+//!
+//! Errors are collected, not thrown: one pass reports every problem it can
+//! find, each with the file, line and column it comes from (see
+//! [`FormationErrors`]). Component files are checked later, when they are
+//! loaded (see [`crate::engine`]), but their errors point back into this file
+//! through [`ProcessType::component_span`].
+
+mod raw;
+mod values;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+pub use values::{ByteSize, HumanDuration};
+
+/// Where `[http] listen` binds when the formation does not say: every
+/// interface, on `$PORT` or 8080 (12-factor port binding).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:${PORT:-8080}";
+/// How long in-flight requests may take to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Instances of a process type that run units at once, when `scale` is absent.
+pub const DEFAULT_SCALE: u32 = 1;
+/// The most instances one process type may ask for.
+pub const MAX_SCALE: u32 = 100_000;
+/// Units one instance serves before it is retired; 1 = a fresh instance per unit.
+pub const DEFAULT_REUSE: u32 = 1;
+/// Requests that may wait for a free instance, per process type, before 503.
+pub const DEFAULT_BACKLOG: u32 = 256;
+/// Largest backlog a process type may ask for.
+pub const MAX_BACKLOG: u32 = 1_000_000;
+/// Linear memory one instance may grow to, when `limits.memory` is absent.
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Smallest memory limit: one WebAssembly page.
+pub const MIN_MEMORY: u64 = 64 << 10;
+/// Largest memory limit: all a 32-bit linear memory can address.
+pub const MAX_MEMORY: u64 = 4 << 30;
+/// Wall-clock time one unit of work may take, when `limits.timeout` is absent.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest timeout a process type may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Largest request body a web instance accepts, when `limits.body` is absent.
+pub const DEFAULT_BODY: u64 = 10 << 20;
+/// Largest `limits.body` a process type may ask for.
+pub const MAX_BODY: u64 = 1 << 30;
+
+/// The whole `formation.toml`, validated.
+#[derive(Debug, Clone)]
+pub struct Formation {
+    /// The file this formation was read from.
+    pub path: PathBuf,
+    /// The folder relative paths were resolved against.
+    pub dir: PathBuf,
+    /// The file's text, kept so late errors can point into it.
+    pub source: String,
+    /// The `[http]` table.
+    pub http: HttpSettings,
+    /// Process types, in name order.
+    pub processes: Vec<ProcessType>,
+}
+
+/// The `[http]` table: where the HTTP front listens and how it stops.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// The address to bind, after `${VAR}` expansion.
+    pub listen: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+}
+
+/// What a process type does with its instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Serves `wasi:http/proxy`: HTTP requests are its units of work.
+    Web,
+    /// Consumes a queue: messages are its units of work.
+    Worker,
+    /// Runs on a schedule: ticks are its units of work.
+    Clock,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Web => "web",
+            Kind::Worker => "worker",
+            Kind::Clock => "clock",
+        })
+    }
+}
+
+/// One `[process.NAME]` table.
+#[derive(Debug, Clone)]
+pub struct ProcessType {
+    /// The table's name: `web` in `[process.web]`, and the prefix of its
+    /// instances' names (`web.1`, `web.2`, …).
+    pub name: String,
+    /// What the process type does.
+    pub kind: Kind,
+    /// The component file, absolute.
+    pub component: PathBuf,
+    /// Where `component = "…"` stands in the formation file.
+    pub component_span: Range<usize>,
+    /// The shell command `wasmproc run --build` runs (in the formation's
+    /// folder) to produce the component.
+    pub build: Option<String>,
+    /// HTTP routes (web only).
+    pub routes: Vec<Route>,
+    /// Instances that may run units at once.
+    pub scale: u32,
+    /// Units an instance serves before it is retired (1 = fresh per unit).
+    pub reuse: u32,
+    /// Requests that may wait for a free instance before 503.
+    pub backlog: u32,
+    /// Resource limits per instance and per unit.
+    pub limits: Limits,
+    /// The only environment variables the guest sees (besides the ones
+    /// wasmproc documents: `WASMPROC_PROCESS`, `WASMPROC_INSTANCE`).
+    pub env: Vec<(String, String)>,
+    /// Hosts (`host` or `host:port`, or `*` for any) the guest may send
+    /// outbound HTTP requests to. Empty: none.
+    pub allow_outbound: Vec<String>,
+}
+
+/// Limits of one process type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of linear memory one instance may grow to.
+    pub memory: u64,
+    /// Wall-clock time one unit of work may take.
+    pub timeout: Duration,
+    /// Fuel (roughly, wasm instructions) one unit of work may burn.
+    pub fuel: Option<u64>,
+    /// Largest HTTP request body accepted, in bytes.
+    pub body: u64,
+}
+
+/// One HTTP route: an optional host and a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Lowercase host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Path prefix, starting with `/`, without a trailing `/` unless it is `/`.
+    pub prefix: String,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Some(host) => write!(f, "{host}{}", self.prefix),
+            None => f.write_str(&self.prefix),
+        }
+    }
+}
+
+impl Route {
+    /// Parses `"/api"` or `"api.example.com/api"`.
+    pub fn parse(text: &str) -> Result<Route, String> {
+        let slash = text.find('/').ok_or_else(|| {
+            format!("route `{text}` has no path: expected `/prefix` or `host/prefix`")
+        })?;
+        let (host, path) = text.split_at(slash);
+        let host = if host.is_empty() {
+            None
+        } else {
+            if host.contains(':') {
+                return Err(format!(
+                    "route `{text}` names a port: routes match the host only, expected `host/prefix`"
+                ));
+            }
+            if !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                return Err(format!("route `{text}` has an invalid host `{host}`"));
+            }
+            Some(host.to_ascii_lowercase())
+        };
+        if path.contains(['?', '#', '*']) {
+            return Err(format!(
+                "route `{text}` contains `?`, `#` or `*`: expected a plain path prefix"
+            ));
+        }
+        let prefix = if path.len() > 1 {
+            path.trim_end_matches('/').to_string()
+        } else {
+            path.to_string()
+        };
+        let prefix = if prefix.is_empty() {
+            "/".into()
+        } else {
+            prefix
+        };
+        Ok(Route { host, prefix })
+    }
+}
+
+/// One problem in a formation file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormationError {
+    /// Byte range in the file, when the problem has a place.
+    pub span: Option<Range<usize>>,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+/// Every problem found in one formation file. Its `Display` is what
+/// `wasmproc check` prints: one `error:` block per problem, each naming
+/// `file:line:column` and quoting the line with a caret under the problem.
+#[derive(Debug, Clone)]
+pub struct FormationErrors {
+    path: PathBuf,
+    source: String,
+    errors: Vec<FormationError>,
+}
+
+impl FormationErrors {
+    /// A set of errors in the file at `path` whose text is `source`.
+    /// Errors are ordered by their place in the file.
+    pub fn new(path: &Path, source: &str, mut errors: Vec<FormationError>) -> Self {
+        errors.sort_by_key(|e| e.span.as_ref().map_or(usize::MAX, |s| s.start));
+        Self {
+            path: path.to_path_buf(),
+            source: source.to_string(),
+            errors,
+        }
+    }
+
+    /// The individual errors.
+    pub fn errors(&self) -> &[FormationError] {
+        &self.errors
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize, &str) {
+        let offset = offset.min(self.source.len());
+        let line_start = self.source[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = self.source[offset..]
+            .find('\n')
+            .map_or(self.source.len(), |i| offset + i);
+        let line_no = self.source[..line_start].matches('\n').count() + 1;
+        let col = self.source[line_start..offset].chars().count() + 1;
+        (line_no, col, &self.source[line_start..line_end])
+    }
+}
+
+impl fmt::Display for FormationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match &error.span {
+                Some(span) => {
+                    let (line, col, text) = self.line_col(span.start);
+                    let width = self.source[span.clone()]
+                        .lines()
+                        .next()
+                        .map_or(1, |l| l.chars().count().max(1));
+                    let gutter = " ".repeat(line.to_string().len());
+                    writeln!(f, "error: {path}:{line}:{col}: {}", error.message)?;
+                    writeln!(f, "{gutter} |")?;
+                    writeln!(f, "{line} | {text}")?;
+                    writeln!(f, "{gutter} | {}{}", " ".repeat(col - 1), "^".repeat(width))?;
+                }
+                None => writeln!(f, "error: {path}: {}", error.message)?,
+            }
+        }
+        let n = self.errors.len();
+        write!(f, "\n{path}: {n} error{}", if n == 1 { "" } else { "s" })
+    }
+}
+
+impl std::error::Error for FormationErrors {}
+
+/// Collects errors while a formation is validated.
+struct Problems(Vec<FormationError>);
+
+impl Problems {
+    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.0.push(FormationError {
+            span: Some(span),
+            message: message.into(),
+        });
+    }
+
+    fn toml(&mut self, error: toml::de::Error) {
+        self.0.push(FormationError {
+            span: error.span(),
+            message: error.message().trim_end().to_string(),
+        });
+    }
+}
+
+impl Formation {
+    /// Reads and validates the formation file at `path`.
+    ///
+    /// `lookup` resolves `${VAR}` in `[http] listen` (pass
+    /// `|k| std::env::var(k).ok()` for the real environment).
+    pub fn load(
+        path: &Path,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Formation, FormationErrors> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            FormationErrors::new(
+                path,
+                "",
+                vec![FormationError {
+                    span: None,
+                    message: format!("cannot read the formation file: {e}"),
+                }],
+            )
+        })?;
+        Self::parse(path, &source, lookup)
+    }
+
+    /// Validates a formation whose text is `source`, as if read from `path`.
+    pub fn parse(
+        path: &Path,
+        source: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Formation, FormationErrors> {
+        let mut problems = Problems(Vec::new());
+        let dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."));
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+
+        let (document, syntax_errors) = DeTable::parse_recoverable(source);
+        let had_syntax_errors = !syntax_errors.is_empty();
+        for error in syntax_errors {
+            problems.toml(error);
+        }
+        let mut http = None;
+        let mut processes = Vec::new();
+        if !had_syntax_errors {
+            let document = document.into_inner();
+            for (key, value) in document {
+                match key.get_ref().as_ref() {
+                    "http" => {
+                        http = deserialize::<raw::Http>(value, &mut problems)
+                            .map(|raw| raw.validate(&lookup, &mut problems));
+                    }
+                    "process" => processes = process_tables(value, &dir, &mut problems),
+                    other => problems.at(
+                        key.span(),
+                        format!("unknown table `{other}`, expected `http` or `process`"),
+                    ),
+                }
+            }
+            if processes.is_empty() && problems.0.is_empty() {
+                problems.0.push(FormationError {
+                    span: None,
+                    message: "no process types: expected at least one `[process.NAME]` table"
+                        .into(),
+                });
+            }
+            check_routes(&processes, &mut problems);
+        }
+
+        let http = match http {
+            Some(Some(http)) => Some(http),
+            Some(None) => None,
+            None => raw::Http::default().validate(&lookup, &mut problems),
+        };
+        match http {
+            Some(http) if problems.0.is_empty() => Ok(Formation {
+                path: path.to_path_buf(),
+                dir,
+                source: source.to_string(),
+                http,
+                processes: processes.into_iter().map(|(p, _)| p).collect(),
+            }),
+            _ => Err(FormationErrors::new(path, source, problems.0)),
+        }
+    }
+
+    /// An error about this formation at `span` (for problems found after
+    /// parsing, such as a component file that is not a component).
+    pub fn error_at(&self, span: Range<usize>, message: impl Into<String>) -> FormationError {
+        FormationError {
+            span: Some(span),
+            message: message.into(),
+        }
+    }
+
+    /// Wraps errors found after parsing so they print like parse errors.
+    pub fn errors(&self, errors: Vec<FormationError>) -> FormationErrors {
+        FormationErrors::new(&self.path, &self.source, errors)
+    }
+}
+
+fn deserialize<T: for<'de> Deserialize<'de>>(
+    value: Spanned<DeValue<'_>>,
+    problems: &mut Problems,
+) -> Option<T> {
+    match T::deserialize(ValueDeserializer::from(value)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.toml(e);
+            None
+        }
+    }
+}
+
+/// Validates every `[process.NAME]` table; returns each valid one with the
+/// spans of its routes (for duplicate-route errors).
+fn process_tables(
+    value: Spanned<DeValue<'_>>,
+    dir: &Path,
+    problems: &mut Problems,
+) -> Vec<(ProcessType, Vec<Range<usize>>)> {
+    let span = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        problems.at(span, "`process` must be a table of `[process.NAME]` tables");
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, body) in table {
+        let name_span = name.span();
+        let name = name.into_inner().to_string();
+        if let Err(why) = check_name(&name) {
+            problems.at(name_span, why);
+            continue;
+        }
+        if let Some(raw) = deserialize::<raw::Process>(body, problems)
+            && let Some(process) = raw.validate(name, dir, problems)
+        {
+            out.push(process);
+        }
+    }
+    out
+}
+
+/// Process type names become instance names (`web.3`), metric labels and CLI
+/// arguments (`wasmproc scale web=3`), so they are kept simple.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid process type name `{name}`: expected a lowercase letter followed by lowercase letters, digits, `-` or `_` (at most 63)"
+        ))
+    }
+}
+
+fn check_routes(processes: &[(ProcessType, Vec<Range<usize>>)], problems: &mut Problems) {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for (process, spans) in processes {
+        for (route, span) in process.routes.iter().zip(spans) {
+            let key = route.to_string();
+            match seen.get(key.as_str()) {
+                Some(owner) if *owner == process.name => problems.at(
+                    span.clone(),
+                    format!("route `{key}` is listed twice in `{}`", process.name),
+                ),
+                Some(owner) => problems.at(
+                    span.clone(),
+                    format!(
+                        "route `{key}` is already served by `{owner}`: each route may belong to one process type"
+                    ),
+                ),
+                None => {
+                    seen.insert(key, &process.name);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,118 @@
+//! Value types of the formation file that accept a human form: sizes
+//! (`"64MiB"` or a number of bytes) and durations (`"10s"`, `"1m 30s"`).
+//! A bad value fails inside the deserializer, so its error carries the
+//! value's line and column.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+
+/// A number of bytes, written `"64MiB"`, `"512KiB"`, `"1GB"` or as an integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> de::Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"64MiB\" or a number of bytes")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| {
+                    E::custom(format!(
+                        "invalid size {v}: expected a positive number of bytes"
+                    ))
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|s| ByteSize(s.as_u64()))
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "invalid size `{v}`: expected a number and a unit such as \"64MiB\", \"512KiB\" or \"1GB\""
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// A duration, written `"10s"`, `"250ms"`, `"1m 30s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> de::Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"10s\" or \"250ms\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                humantime::parse_duration(v.trim())
+                    .map(HumanDuration)
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "invalid duration `{v}`: expected a number and a unit such as \"10s\", \"250ms\" or \"2m\""
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+/// A value whose own errors (a bad size, a bad duration) are kept instead
+/// of stopping the deserializer, so one pass can report every bad value of
+/// a table. The type of the TOML value must still be right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lenient<T>(pub Result<T, String>);
+
+impl<'de, T: de::DeserializeOwned> de::Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = toml::Value::deserialize(deserializer)?;
+        Ok(Lenient(
+            T::deserialize(value).map_err(|e| e.message().to_string()),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    struct Doc {
+        size: ByteSize,
+        time: HumanDuration,
+    }
+
+    #[test]
+    fn sizes_and_durations_accept_human_forms() {
+        let doc: Doc = toml::from_str("size = \"64MiB\"\ntime = \"1m 30s\"").unwrap();
+        assert_eq!(doc.size, ByteSize(64 << 20));
+        assert_eq!(doc.time, HumanDuration(Duration::from_secs(90)));
+        let doc: Doc = toml::from_str("size = 4096\ntime = \"250ms\"").unwrap();
+        assert_eq!(doc.size, ByteSize(4096));
+        assert_eq!(doc.time, HumanDuration(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn bad_sizes_say_what_was_expected() {
+        let err = toml::from_str::<Doc>("size = \"lots\"\ntime = \"1s\"")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("invalid size `lots`"), "{err}");
+    }
+}

@@ -1,0 +1,103 @@
+//! The HTTP front: accepts connections, routes each request to the pool of
+//! a web process type, and shuts down gracefully.
+//!
+//! Invariants:
+//! - the listener is bound before this module runs (so a bad address fails
+//!   at start, and port 0 can be reported);
+//! - a request with no matching route gets 404 from the host; one with no
+//!   `Host` header (and no authority in its target) gets 400; a guest is
+//!   never started for either;
+//! - on shutdown the listener is closed first, then every open connection
+//!   finishes its in-flight request (keep-alive is turned off) within the
+//!   grace period; what remains after it is dropped.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::pool::{HttpResponse, Pool, text};
+use crate::router::Router;
+
+/// Routes requests to pools.
+pub type PoolRouter = Router<Arc<Pool>>;
+
+async fn dispatch(
+    router: &PoolRouter,
+    request: http::Request<hyper::body::Incoming>,
+) -> HttpResponse {
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(http::header::HOST)?.to_str().ok());
+    let Some(host) = host else {
+        return text(StatusCode::BAD_REQUEST, "missing Host header\n".into());
+    };
+    match router.resolve(Some(host), request.uri().path()) {
+        Some(pool) => pool.serve(request).await,
+        None => text(
+            StatusCode::NOT_FOUND,
+            format!("no process type serves `{}`\n", request.uri().path()),
+        ),
+    }
+}
+
+/// Serves HTTP on `listener` until `shutdown` resolves, then drains open
+/// connections for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Arc<PoolRouter>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = service_fn(move |request| {
+            let router = router.clone();
+            async move { Ok::<_, Infallible>(dispatch(&router, request).await) }
+        });
+        let connection = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        "stopped accepting connections; finishing in-flight requests (grace {})",
+        humantime::format_duration(grace)
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: dropping the remaining connections");
+    }
+}

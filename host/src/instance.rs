@@ -1,0 +1,343 @@
+//! One instance's host state: what lives in its wasmtime `Store`, and the
+//! sandbox every instance starts in.
+//!
+//! The sandbox, by construction of [`InstanceState::new`]:
+//! - no preopened directories, so no files;
+//! - no inherited environment: only the process type's `env`, plus
+//!   `WASMPROC_PROCESS` (the type's name) and `WASMPROC_INSTANCE` (`web.3`);
+//! - no sockets (`wasi:sockets` is linked but every address is denied);
+//! - outbound HTTP only to the hosts the type lists in `allow_outbound`; a
+//!   denied request gets `HTTP-request-denied` and a log line;
+//! - stdin is empty; stdout and stderr become log events carrying the
+//!   instance's name;
+//! - linear memory may not grow past `limits.memory` ([`ResourceLimiter`]).
+//!
+//! The whole WASI 0.2 set is linked (as `wasmtime serve -Scli` does), since
+//! Rust guests built with std import `wasi:cli` interfaces outside the
+//! `wasi:http/proxy` world.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::formation::ProcessType;
+
+/// The most table elements an instance may grow to.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// The data in each instance's `Store`.
+pub struct InstanceState {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: OutboundPolicy,
+    memory_limit: usize,
+    /// Set when the guest tried to grow memory past its limit during the
+    /// current unit: the unit's failure is then reported as `memory`.
+    pub memory_exceeded: bool,
+    /// When the current unit must end; checked on every epoch tick.
+    pub deadline: Instant,
+}
+
+impl InstanceState {
+    /// Fresh state for instance `instance` (`web.3`) of `process`.
+    pub fn new(process: &ProcessType, instance: &Arc<str>) -> InstanceState {
+        let mut wasi = WasiCtx::builder();
+        wasi.args(&[process.name.as_str()]);
+        for (key, value) in &process.env {
+            wasi.env(key, value);
+        }
+        wasi.env("WASMPROC_PROCESS", &process.name);
+        wasi.env("WASMPROC_INSTANCE", instance);
+        wasi.stdout(GuestLog::new(instance, "stdout"));
+        wasi.stderr(GuestLog::new(instance, "stderr"));
+        wasi.socket_addr_check(|_, _| Box::pin(async { false }));
+        InstanceState {
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            hooks: OutboundPolicy {
+                instance: instance.clone(),
+                allowed: process.allow_outbound.clone().into(),
+            },
+            memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
+            memory_exceeded: false,
+            deadline: Instant::now(),
+        }
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+impl ResourceLimiter for InstanceState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// A linker with the whole WASI 0.2 set and `wasi:http`.
+pub fn linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
+/// Decides which outbound HTTP requests an instance may send.
+struct OutboundPolicy {
+    instance: Arc<str>,
+    allowed: Arc<[String]>,
+}
+
+impl OutboundPolicy {
+    fn allows(&self, authority: &str, default_port: u16) -> bool {
+        let authority = authority.to_ascii_lowercase();
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                (h.to_string(), p.parse().unwrap_or(default_port))
+            }
+            _ => (authority.clone(), default_port),
+        };
+        self.allowed
+            .iter()
+            .any(|rule| rule == "*" || *rule == host || *rule == format!("{host}:{port}"))
+    }
+}
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        let uri = request.uri();
+        let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or_default();
+        if self.allows(&authority, default_port) {
+            tracing::debug!(instance = %self.instance, %authority, "outbound request allowed");
+            return wasmtime_wasi_http::default_hooks().send_request(request, options, fut);
+        }
+        tracing::warn!(
+            instance = %self.instance,
+            %authority,
+            "outbound request denied: `{authority}` is not in `allow_outbound`"
+        );
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// A guest's stdout or stderr: each complete line becomes one log event
+/// carrying the instance's name. A partial line is logged when the stream
+/// is dropped.
+#[derive(Clone)]
+struct GuestLog {
+    instance: Arc<str>,
+    stream: &'static str,
+}
+
+impl GuestLog {
+    fn new(instance: &Arc<str>, stream: &'static str) -> Self {
+        Self {
+            instance: instance.clone(),
+            stream,
+        }
+    }
+
+    fn writer(&self) -> GuestLogWriter {
+        GuestLogWriter {
+            log: self.clone(),
+            partial: Vec::new(),
+        }
+    }
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.writer())
+    }
+
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.writer())
+    }
+}
+
+/// Longest line kept before it is logged in pieces.
+const MAX_LOG_LINE: usize = 16 << 10;
+
+struct GuestLogWriter {
+    log: GuestLog,
+    partial: Vec<u8>,
+}
+
+impl GuestLogWriter {
+    fn emit(&self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end_matches(['\r', '\n']);
+        tracing::info!(
+            target: "guest",
+            instance = %self.log.instance,
+            stream = self.log.stream,
+            "{line}"
+        );
+    }
+
+    fn push(&mut self, mut bytes: &[u8]) {
+        while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
+            if self.partial.is_empty() {
+                self.emit(&bytes[..i]);
+            } else {
+                self.partial.extend_from_slice(&bytes[..i]);
+                let line = std::mem::take(&mut self.partial);
+                self.emit(&line);
+            }
+            bytes = &bytes[i + 1..];
+        }
+        self.partial.extend_from_slice(bytes);
+        if self.partial.len() >= MAX_LOG_LINE {
+            let line = std::mem::take(&mut self.partial);
+            self.emit(&line);
+        }
+    }
+}
+
+impl Drop for GuestLogWriter {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.emit(&line);
+        }
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for GuestLogWriter {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for GuestLogWriter {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 << 10)
+    }
+}
+
+impl AsyncWrite for GuestLogWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(rules: &[&str]) -> OutboundPolicy {
+        OutboundPolicy {
+            instance: "web.1".into(),
+            allowed: rules.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn outbound_rules_match_host_or_host_and_port() {
+        let p = policy(&["api.example.com", "127.0.0.1:9000"]);
+        assert!(p.allows("api.example.com", 443));
+        assert!(p.allows("API.example.com:8443", 443));
+        assert!(p.allows("127.0.0.1:9000", 80));
+        assert!(!p.allows("127.0.0.1:9001", 80));
+        assert!(!p.allows("127.0.0.1", 80));
+        assert!(!p.allows("evil.example.com", 443));
+        assert!(policy(&["*"]).allows("anything:1", 80));
+        assert!(!policy(&[]).allows("api.example.com", 443));
+    }
+}

@@ -1,0 +1,24 @@
+//! wasmproc: the 12-factor process model on WebAssembly.
+//!
+//! A formation file names process types; each is a WASI 0.2 component; one
+//! host runs many isolated, limited instances of each and routes units of
+//! work (HTTP requests, for `web`) to them. The modules follow the path of a
+//! request:
+//!
+//! - [`formation`]: the file, parsed and validated, with located errors;
+//! - [`engine`]: the wasmtime engine sized from the formation, the epoch
+//!   ticker and the compile cache;
+//! - [`instance`]: one instance's store state and sandbox;
+//! - [`pool`]: slots, admission, reuse, failure and supervision per type;
+//! - [`router`] and [`http`]: the HTTP front;
+//! - [`run`]: `check` and `run`, start to shutdown;
+//! - [`telemetry`]: logs on stdout.
+
+pub mod engine;
+pub mod formation;
+pub mod http;
+pub mod instance;
+pub mod pool;
+pub mod router;
+pub mod run;
+pub mod telemetry;

@@ -1,0 +1,493 @@
+//! The pool of one process type: where units of work meet instances.
+//!
+//! # Design
+//!
+//! A pool has `scale` **slots**, numbered from 1; slot `k` runs instance
+//! `NAME.k`. A unit of work (here, one HTTP request) goes through three gates:
+//!
+//! 1. **admission**: at most `scale + backlog` units may be inside the pool at
+//!    once. A unit that finds no admission permit is refused at once (the
+//!    HTTP front answers 503 with `Retry-After`). Nothing queues unbounded.
+//! 2. **slot**: an admitted unit waits for one of the `scale` slots, for at
+//!    most the type's `limits.timeout`; then it is refused as busy too.
+//! 3. **instance**: the slot's warm instance if it has one, else a fresh
+//!    instance from the type's [`ProxyPre`].
+//!
+//! `reuse = 1` (the default) gives every unit a fresh instance: no state
+//! survives from one request to the next, as under `wasmtime serve`. The
+//! pooling allocator and copy-on-write memory images make a fresh instance
+//! cost microseconds, so isolation is the default. `reuse = N` keeps an
+//! instance warm in its slot for up to N units, one at a time, then retires it.
+//!
+//! # Failure
+//!
+//! A unit fails when its guest traps (a Rust panic is a trap), runs past
+//! `limits.timeout` (epoch interruption, checked every [`EPOCH_TICK`], with a
+//! host-side timer as a backstop for a guest blocked in a host call), burns
+//! its `limits.fuel`, tries to grow memory past `limits.memory`, or never
+//! answers. The failed unit's instance is dropped — never reused — and the
+//! slot gets a fresh instance for its next unit. Other slots never notice:
+//! each instance has its own `Store` and linear memory.
+//!
+//! # Supervision
+//!
+//! After [`CRASH_LOOP_THRESHOLD`] failed units in a row with no success in
+//! between, the type is crash-looping: each new instance waits an
+//! exponential backoff (from [`CRASH_LOOP_BACKOFF_MIN`] to
+//! [`CRASH_LOOP_BACKOFF_MAX`]) before it starts, and the log says so. The
+//! first success ends the backoff.
+//!
+//! [`EPOCH_TICK`]: crate::engine::EPOCH_TICK
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView as _;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use crate::engine::EPOCH_TICK;
+use crate::formation::ProcessType;
+use crate::instance::InstanceState;
+
+/// Failed units in a row after which a type counts as crash-looping.
+pub const CRASH_LOOP_THRESHOLD: u32 = 5;
+/// First backoff of a crash-looping type.
+pub const CRASH_LOOP_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest backoff of a crash-looping type.
+pub const CRASH_LOOP_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// `Retry-After` seconds sent with a 503 when the pool is full.
+const RETRY_AFTER_SECS: u32 = 1;
+
+/// The HTTP response type of the front and the pools.
+pub type HttpResponse = Response<HyperOutgoingBody>;
+
+/// Why a unit of work failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The guest trapped (or panicked).
+    Trap(String),
+    /// The unit ran past `limits.timeout`.
+    Timeout,
+    /// The unit burned its `limits.fuel`.
+    Fuel,
+    /// The guest tried to grow memory past `limits.memory`.
+    Memory,
+    /// No instance could be created.
+    Instantiate(String),
+    /// The guest returned without answering.
+    NoResponse,
+}
+
+impl Failure {
+    /// A one-word reason, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Trap(_) => "trap",
+            Failure::Timeout => "timeout",
+            Failure::Fuel => "fuel",
+            Failure::Memory => "memory",
+            Failure::Instantiate(_) => "instantiate",
+            Failure::NoResponse => "no-response",
+        }
+    }
+}
+
+/// An instance kept in its slot between units (`reuse > 1`).
+struct Warm {
+    store: Store<InstanceState>,
+    proxy: Proxy,
+    served: u32,
+}
+
+/// One of the pool's `scale` places to run a unit.
+struct Slot {
+    name: Arc<str>,
+    warm: Option<Warm>,
+}
+
+/// Counts failures in a row to detect a crash loop.
+#[derive(Default)]
+struct Supervisor {
+    failures_in_a_row: AtomicU32,
+}
+
+impl Supervisor {
+    fn backoff(failures: u32) -> Option<Duration> {
+        let over = failures.checked_sub(CRASH_LOOP_THRESHOLD)?;
+        let backoff = CRASH_LOOP_BACKOFF_MIN.saturating_mul(1u32 << over.min(16));
+        Some(backoff.min(CRASH_LOOP_BACKOFF_MAX))
+    }
+
+    fn failed(&self, process: &str) {
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(backoff) = Self::backoff(n)
+            && (Self::backoff(n - 1) != Some(backoff))
+        {
+            tracing::warn!(
+                process,
+                failures = n,
+                "process type `{process}` is crash-looping ({n} failed units in a row): new instances start after a {} backoff",
+                humantime::format_duration(backoff)
+            );
+        }
+    }
+
+    fn succeeded(&self, process: &str) {
+        let n = self.failures_in_a_row.swap(0, Ordering::Relaxed);
+        if n >= CRASH_LOOP_THRESHOLD {
+            tracing::info!(
+                process,
+                "process type `{process}` recovered after {n} failed units in a row"
+            );
+        }
+    }
+
+    fn current_backoff(&self) -> Option<Duration> {
+        Self::backoff(self.failures_in_a_row.load(Ordering::Relaxed))
+    }
+}
+
+/// The instances of one web process type.
+pub struct Pool {
+    process: Arc<ProcessType>,
+    pre: ProxyPre<InstanceState>,
+    fuel_metered: bool,
+    admission: Arc<Semaphore>,
+    slots: Arc<Semaphore>,
+    idle: Mutex<Vec<Slot>>,
+    supervisor: Supervisor,
+}
+
+/// A unit's hold on a slot. Dropping it gives the slot back.
+struct Lease {
+    pool: Arc<Pool>,
+    slot: Option<Slot>,
+    _slot_permit: OwnedSemaphorePermit,
+    _admission: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.pool.lock_idle().push(slot);
+        }
+    }
+}
+
+impl Pool {
+    /// A pool for `process`, whose compiled component is `component`.
+    /// `fuel_metered` says whether the engine consumes fuel.
+    pub fn new(
+        process: ProcessType,
+        component: &Component,
+        linker: &wasmtime::component::Linker<InstanceState>,
+        fuel_metered: bool,
+    ) -> anyhow::Result<Pool> {
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(anyhow::Error::from)?;
+        let pre = ProxyPre::new(pre).map_err(anyhow::Error::from)?;
+        let scale = process.scale as usize;
+        // Slot 1 is popped first, so a lightly loaded pool keeps using the
+        // same few (warm) slots.
+        let idle = (1..=process.scale)
+            .rev()
+            .map(|k| Slot {
+                name: format!("{}.{k}", process.name).into(),
+                warm: None,
+            })
+            .collect();
+        Ok(Pool {
+            admission: Arc::new(Semaphore::new(scale + process.backlog as usize)),
+            slots: Arc::new(Semaphore::new(scale)),
+            idle: Mutex::new(idle),
+            process: Arc::new(process),
+            pre,
+            fuel_metered,
+            supervisor: Supervisor::default(),
+        })
+    }
+
+    /// The process type this pool runs.
+    pub fn process(&self) -> &ProcessType {
+        &self.process
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a slot: admission first (refused at once when full), then a
+    /// slot (waiting at most the type's timeout).
+    async fn lease(self: &Arc<Self>) -> Option<Lease> {
+        let admission = self.admission.clone().try_acquire_owned().ok()?;
+        let wait = self.process.limits.timeout;
+        let slot_permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        let slot = self.lock_idle().pop()?;
+        Some(Lease {
+            pool: self.clone(),
+            slot: Some(slot),
+            _slot_permit: slot_permit,
+            _admission: admission,
+        })
+    }
+
+    async fn instantiate(&self, name: &Arc<str>) -> Result<Warm, Failure> {
+        if let Some(backoff) = self.supervisor.current_backoff() {
+            tokio::time::sleep(backoff).await;
+        }
+        let started = Instant::now();
+        let mut store = Store::new(self.pre.engine(), InstanceState::new(&self.process, name));
+        store.limiter(|state| state);
+        store.epoch_deadline_callback(|ctx| {
+            Ok(if Instant::now() >= ctx.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        self.arm(&mut store);
+        let proxy = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            match classify(&e, store.data()) {
+                Failure::Trap(msg) => Failure::Instantiate(msg),
+                other => other,
+            }
+        })?;
+        tracing::debug!(instance = %name, elapsed = ?started.elapsed(), "instance started");
+        Ok(Warm {
+            store,
+            proxy,
+            served: 0,
+        })
+    }
+
+    /// Resets the per-unit budgets of a store: deadline, fuel, memory flag.
+    fn arm(&self, store: &mut Store<InstanceState>) {
+        let state = store.data_mut();
+        state.deadline = Instant::now() + self.process.limits.timeout;
+        state.memory_exceeded = false;
+        store.set_epoch_deadline(1);
+        if self.fuel_metered {
+            // Infallible when fuel consumption is on, which `fuel_metered` says.
+            let _ = store.set_fuel(self.process.limits.fuel.unwrap_or(u64::MAX));
+        }
+    }
+
+    /// Serves one HTTP request with an instance of this type.
+    pub async fn serve(
+        self: &Arc<Self>,
+        request: http::Request<hyper::body::Incoming>,
+    ) -> HttpResponse {
+        let limits = self.process.limits;
+        let too_large = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n > limits.body);
+        if too_large {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {} bytes\n", limits.body),
+            );
+        }
+        let Some(mut lease) = self.lease().await else {
+            tracing::debug!(process = %self.process.name, "pool full: 503");
+            let mut response = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("`{}` is at capacity, retry later\n", self.process.name),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+            return response;
+        };
+        let Some(slot) = lease.slot.as_mut() else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "no slot\n".into());
+        };
+        let name = slot.name.clone();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let (sender, receiver) = oneshot::channel();
+        let pool = self.clone();
+        let unit = tokio::spawn(async move {
+            let outcome = pool.run_unit(&mut lease, request, sender).await;
+            match &outcome {
+                Ok(()) => pool.supervisor.succeeded(&pool.process.name),
+                Err(_) => pool.supervisor.failed(&pool.process.name),
+            }
+            drop(lease);
+            outcome
+        });
+        let failure = match receiver.await {
+            Ok(Ok(response)) => return response,
+            Ok(Err(code)) => Failure::Trap(format!("guest answered with error {code:?}")),
+            Err(_) => match unit.await {
+                Ok(Ok(())) => Failure::NoResponse,
+                Ok(Err(failure)) => failure,
+                Err(join) => Failure::Trap(format!("unit task failed: {join}")),
+            },
+        };
+        let detail = match &failure {
+            Failure::Trap(msg) | Failure::Instantiate(msg) => msg.as_str(),
+            _ => "",
+        };
+        tracing::warn!(
+            instance = %name,
+            http.method = %method,
+            url.path = %path,
+            reason = failure.reason(),
+            "request failed ({}); instance discarded{}{detail}",
+            failure.reason(),
+            if detail.is_empty() { "" } else { ": " },
+        );
+        failure_response(&self.process, &failure)
+    }
+
+    /// Runs one unit in the lease's slot. On success the instance stays
+    /// warm if `reuse` allows; on failure it is dropped.
+    async fn run_unit(
+        &self,
+        lease: &mut Lease,
+        request: http::Request<hyper::body::Incoming>,
+        sender: oneshot::Sender<
+            Result<HttpResponse, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
+        >,
+    ) -> Result<(), Failure> {
+        let Some(slot) = lease.slot.as_mut() else {
+            return Err(Failure::Instantiate("no slot".into()));
+        };
+        let mut warm = match slot.warm.take() {
+            Some(warm) => warm,
+            None => self.instantiate(&slot.name).await?,
+        };
+        self.arm(&mut warm.store);
+
+        let limit = usize::try_from(self.process.limits.body).unwrap_or(usize::MAX);
+        let request = request.map(move |body| {
+            Limited::new(body, limit).map_err(move |e| match e.downcast::<hyper::Error>() {
+                Ok(e) => wasmtime_wasi_http::Error::Hyper(*e),
+                Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit as u64)),
+            })
+        });
+        let mut http = warm.store.data_mut().http();
+        let resources = http
+            .new_incoming_request(Scheme::Http, request)
+            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)));
+        let (req, out) =
+            resources.map_err(|e| Failure::Trap(format!("cannot pass the request: {e}")))?;
+
+        let call = warm
+            .proxy
+            .wasi_http_incoming_handler()
+            .call_handle(&mut warm.store, req, out);
+        // The epoch deadline stops a guest that computes; this timer stops
+        // one that waits on the host (an outbound request, a sleep).
+        let backstop = self.process.limits.timeout + EPOCH_TICK * 2;
+        let result = match tokio::time::timeout(backstop, call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(classify(&e, warm.store.data())),
+            Err(_) => Err(Failure::Timeout),
+        };
+        result?;
+        warm.served += 1;
+        if warm.served < self.process.reuse {
+            slot.warm = Some(warm);
+        }
+        Ok(())
+    }
+}
+
+/// Names the failure behind a wasmtime error.
+fn classify(error: &wasmtime::Error, state: &InstanceState) -> Failure {
+    if state.memory_exceeded {
+        return Failure::Memory;
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Failure::Fuel,
+        Some(Trap::Interrupt) => Failure::Timeout,
+        Some(trap) => Failure::Trap(trap.to_string()),
+        None => Failure::Trap(format!("{error:#}")),
+    }
+}
+
+/// A short plain-text response.
+pub fn text(status: StatusCode, body: String) -> HttpResponse {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn failure_response(process: &ProcessType, failure: &Failure) -> HttpResponse {
+    let name = &process.name;
+    match failure {
+        Failure::Timeout => text(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "`{name}` did not answer within {}\n",
+                humantime::format_duration(process.limits.timeout)
+            ),
+        ),
+        Failure::Fuel => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("`{name}` ran out of fuel\n"),
+        ),
+        Failure::Memory => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("`{name}` exceeded its memory limit\n"),
+        ),
+        Failure::Trap(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("`{name}` failed (trap)\n"),
+        ),
+        Failure::Instantiate(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("`{name}` could not start an instance\n"),
+        ),
+        Failure::NoResponse => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("`{name}` returned without a response\n"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_at_the_threshold_and_is_capped() {
+        assert_eq!(Supervisor::backoff(CRASH_LOOP_THRESHOLD - 1), None);
+        assert_eq!(
+            Supervisor::backoff(CRASH_LOOP_THRESHOLD),
+            Some(CRASH_LOOP_BACKOFF_MIN)
+        );
+        assert_eq!(
+            Supervisor::backoff(CRASH_LOOP_THRESHOLD + 1),
+            Some(CRASH_LOOP_BACKOFF_MIN * 2)
+        );
+        assert_eq!(Supervisor::backoff(u32::MAX), Some(CRASH_LOOP_BACKOFF_MAX));
+    }
+}

@@ -1,0 +1,252 @@
+//! What the end-to-end tests share: the test guests (built once per test
+//! binary), and a [`Host`] that runs the real `wasmproc` binary on port 0,
+//! reads the bound address from its log, and stops it with a real signal.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long anything in these tests may take before it counts as hung.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the guest components once and returns the folder holding them.
+pub fn guests() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(root().join("guests/build.sh"))
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .env_remove("CARGO_TARGET_DIR")
+                .status()
+                .expect("run guests/build.sh");
+            assert!(status.success(), "building the test guests failed");
+            root().join("guests/target/wasm32-wasip2/release")
+        })
+        .clone()
+}
+
+/// The path of the built guest `name` (`hello`, `testbed`, `not-http`).
+pub fn guest(name: &str) -> String {
+    guests().join(format!("{name}.wasm")).display().to_string()
+}
+
+/// A compile cache shared by the tests, so each guest compiles once.
+pub fn shared_cache() -> PathBuf {
+    root().join("target/wasmproc-test-cache")
+}
+
+/// The wasmproc binary under test.
+pub fn wasmproc() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wasmproc"))
+}
+
+/// A running `wasmproc run`.
+pub struct Host {
+    child: Option<Child>,
+    /// Where it serves, read from its `listening on` log line.
+    pub addr: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+}
+
+fn capture(stream: impl std::io::Read + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().unwrap().push(line);
+        }
+    });
+}
+
+impl Host {
+    /// Writes `formation` (with `{hello}`, `{testbed}` replaced by guest
+    /// paths) into a fresh folder and runs it with the shared cache.
+    pub fn start(formation: &str) -> Host {
+        Self::start_with(formation, &shared_cache(), &[])
+    }
+
+    /// Like [`Host::start`], with a given cache and extra environment.
+    pub fn start_with(formation: &str, cache: &Path, env: &[(&str, &str)]) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let text = formation
+            .replace("{hello}", &guest("hello"))
+            .replace("{testbed}", &guest("testbed"));
+        let path = dir.path().join("formation.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut command = wasmproc();
+        command
+            .arg("run")
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        capture(child.stdout.take().unwrap(), lines.clone());
+        capture(child.stderr.take().unwrap(), lines.clone());
+        let mut host = Host {
+            child: Some(child),
+            addr: String::new(),
+            lines,
+            dir,
+        };
+        let line = host.wait_for_log("listening on http://");
+        host.addr = line
+            .split("listening on http://")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        host
+    }
+
+    /// Every line logged so far (stdout and stderr).
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle` and returns it. Fails the
+    /// test, showing the log, if none appears within [`DEADLINE`] or the
+    /// process exits first.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                // Give the reader threads a moment to drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                    return line;
+                }
+                panic!(
+                    "wasmproc exited ({status}) before logging `{needle}`:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no log line with `{needle}` within {DEADLINE:?}:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a request; returns status, `Retry-After` (if any) and body.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        host: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Reply {
+        request(&self.addr, method, path, host, body)
+    }
+
+    /// `GET path`.
+    pub fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, None, None)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "wasmproc did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The folder holding the formation file.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What a request got back.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: String,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(DEADLINE))
+        .max_idle_connections(0)
+        .build()
+        .into()
+}
+
+/// Sends one request to `addr` (`IP:PORT`).
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    host: Option<&str>,
+    body: Option<&[u8]>,
+) -> Reply {
+    let agent = agent();
+    let url = format!("http://{addr}{path}");
+    let mut builder = http::Request::builder().method(method).uri(&url);
+    if let Some(host) = host {
+        builder = builder.header("host", host);
+    }
+    let response = match body {
+        Some(body) => agent.run(builder.body(body.to_vec()).unwrap()),
+        None => agent.run(builder.body(()).unwrap()),
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = response.into_body().read_to_string().unwrap_or_default();
+    Reply {
+        status,
+        retry_after,
+        body,
+    }
+}

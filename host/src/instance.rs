@@ -30,7 +30,9 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::bindings::queue;
 use crate::formation::ProcessType;
+use crate::queue::{NewMessage, QueueError, Queues};
 
 /// The most table elements an instance may grow to.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
@@ -47,11 +49,19 @@ pub struct InstanceState {
     pub memory_exceeded: bool,
     /// When the current unit must end; checked on every epoch tick.
     pub deadline: Instant,
+    instance: Arc<str>,
+    queues: Option<Queues>,
+    may_enqueue: Arc<[String]>,
 }
 
 impl InstanceState {
-    /// Fresh state for instance `instance` (`web.3`) of `process`.
-    pub fn new(process: &ProcessType, instance: &Arc<str>) -> InstanceState {
+    /// Fresh state for instance `instance` (`web.3`) of `process`, which may
+    /// enqueue onto the queues its type lists, through `queues`.
+    pub fn new(
+        process: &ProcessType,
+        instance: &Arc<str>,
+        queues: Option<&Queues>,
+    ) -> InstanceState {
         let mut wasi = WasiCtx::builder();
         wasi.args(&[process.name.as_str()]);
         for (key, value) in &process.env {
@@ -73,6 +83,49 @@ impl InstanceState {
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
             deadline: Instant::now(),
+            instance: instance.clone(),
+            queues: queues.cloned(),
+            may_enqueue: process.enqueue.clone().into(),
+        }
+    }
+}
+
+impl queue::Host for InstanceState {
+    async fn enqueue(
+        &mut self,
+        name: String,
+        message: queue::Message,
+    ) -> Result<String, queue::EnqueueError> {
+        let denied = || queue::EnqueueError::UnknownQueue(name.clone());
+        let Some(queues) = &self.queues else {
+            return Err(denied());
+        };
+        if !self.may_enqueue.contains(&name) {
+            tracing::warn!(
+                instance = %self.instance,
+                queue = %name,
+                "enqueue denied: `{name}` is not in the process type's `enqueue` list"
+            );
+            return Err(denied());
+        }
+        let message = NewMessage {
+            body: message.body,
+            content_type: message.content_type,
+            headers: message.headers,
+            delay: std::time::Duration::from_millis(message.delay_ms.unwrap_or(0)),
+        };
+        match queues.enqueue(&name, message).await {
+            Ok(id) => {
+                tracing::debug!(instance = %self.instance, queue = %name, message.id = %id, "enqueued");
+                Ok(id)
+            }
+            Err(QueueError::UnknownQueue(q)) => Err(queue::EnqueueError::UnknownQueue(q)),
+            Err(QueueError::TooLarge { limit, .. }) => Err(queue::EnqueueError::TooLarge(limit)),
+            Err(QueueError::Full) => Err(queue::EnqueueError::QueueFull),
+            Err(QueueError::Unavailable(why)) => {
+                tracing::warn!(instance = %self.instance, queue = %name, "enqueue failed: {why}");
+                Err(queue::EnqueueError::Unavailable(why))
+            }
         }
     }
 }
@@ -120,11 +173,14 @@ impl ResourceLimiter for InstanceState {
     }
 }
 
-/// A linker with the whole WASI 0.2 set and `wasi:http`.
+/// A linker with the whole WASI 0.2 set, `wasi:http` and `wasmproc:host/queue`.
 pub fn linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    queue::add_to_linker::<_, wasmtime::component::HasSelf<InstanceState>>(&mut linker, |state| {
+        state
+    })?;
     Ok(linker)
 }
 

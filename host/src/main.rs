@@ -87,7 +87,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             .build()?;
         runtime.block_on(run::run(formation, cache))
     } else {
-        run::prepare(&formation, &cache)?;
+        run::prepare(&formation, &cache, None)?;
         let names: Vec<String> = formation
             .processes
             .iter()

@@ -54,9 +54,14 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+use crate::bindings::clock::exports::wasmproc::host::scheduled::Tick;
+use crate::bindings::clock::{Clock, ClockPre};
+use crate::bindings::worker::exports::wasmproc::host::handler::{Delivery, Outcome};
+use crate::bindings::worker::{Worker, WorkerPre};
 use crate::engine::EPOCH_TICK;
-use crate::formation::ProcessType;
+use crate::formation::{Kind, ProcessType};
 use crate::instance::InstanceState;
+use crate::queue::Queues;
 
 /// Failed units in a row after which a type counts as crash-looping.
 pub const CRASH_LOOP_THRESHOLD: u32 = 5;
@@ -101,10 +106,35 @@ impl Failure {
     }
 }
 
-/// An instance kept in its slot between units (`reuse > 1`).
+/// How instances of a type are created: the pre-instantiated component,
+/// typed by the world its kind serves.
+enum Entry {
+    Web(ProxyPre<InstanceState>),
+    Worker(WorkerPre<InstanceState>),
+    Clock(ClockPre<InstanceState>),
+}
+
+impl Entry {
+    fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            Entry::Web(pre) => pre.engine(),
+            Entry::Worker(pre) => pre.engine(),
+            Entry::Clock(pre) => pre.engine(),
+        }
+    }
+}
+
+/// A live instance's exports.
+enum Exports {
+    Web(Proxy),
+    Worker(Worker),
+    Clock(Clock),
+}
+
+/// An instance: its store and its exports, and how many units it served.
 struct Warm {
     store: Store<InstanceState>,
-    proxy: Proxy,
+    exports: Exports,
     served: u32,
 }
 
@@ -156,10 +186,11 @@ impl Supervisor {
     }
 }
 
-/// The instances of one web process type.
+/// The instances of one process type.
 pub struct Pool {
     process: Arc<ProcessType>,
-    pre: ProxyPre<InstanceState>,
+    entry: Entry,
+    queues: Option<Queues>,
     fuel_metered: bool,
     admission: Arc<Semaphore>,
     slots: Arc<Semaphore>,
@@ -168,11 +199,11 @@ pub struct Pool {
 }
 
 /// A unit's hold on a slot. Dropping it gives the slot back.
-struct Lease {
+pub struct Lease {
     pool: Arc<Pool>,
     slot: Option<Slot>,
     _slot_permit: OwnedSemaphorePermit,
-    _admission: OwnedSemaphorePermit,
+    _admission: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Lease {
@@ -183,19 +214,49 @@ impl Drop for Lease {
     }
 }
 
+impl Lease {
+    /// The name of the instance this lease runs (`mailer.2`).
+    pub fn instance(&self) -> Arc<str> {
+        self.slot
+            .as_ref()
+            .map_or_else(|| Arc::from("?"), |s| s.name.clone())
+    }
+}
+
+/// The export a component of `kind` must have, for error messages.
+pub fn required_export(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Web => {
+            "`wasi:http/incoming-handler`: a web process type must be a `wasi:http/proxy` component"
+        }
+        Kind::Worker => {
+            "`wasmproc:host/handler`: a worker must target the `wasmproc:host/worker` world"
+        }
+        Kind::Clock => {
+            "`wasmproc:host/scheduled`: a clock must target the `wasmproc:host/clock` world"
+        }
+    }
+}
+
 impl Pool {
     /// A pool for `process`, whose compiled component is `component`.
-    /// `fuel_metered` says whether the engine consumes fuel.
+    /// `fuel_metered` says whether the engine consumes fuel; `queues` is
+    /// what its guests may enqueue onto.
     pub fn new(
         process: ProcessType,
         component: &Component,
         linker: &wasmtime::component::Linker<InstanceState>,
         fuel_metered: bool,
+        queues: Option<Queues>,
     ) -> anyhow::Result<Pool> {
         let pre = linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)?;
-        let pre = ProxyPre::new(pre).map_err(anyhow::Error::from)?;
+        let entry = match process.kind {
+            Kind::Web => Entry::Web(ProxyPre::new(pre).map_err(anyhow::Error::from)?),
+            Kind::Worker => Entry::Worker(WorkerPre::new(pre).map_err(anyhow::Error::from)?),
+            Kind::Clock => Entry::Clock(ClockPre::new(pre).map_err(anyhow::Error::from)?),
+        };
         let scale = process.scale as usize;
         // Slot 1 is popped first, so a lightly loaded pool keeps using the
         // same few (warm) slots.
@@ -211,7 +272,8 @@ impl Pool {
             slots: Arc::new(Semaphore::new(scale)),
             idle: Mutex::new(idle),
             process: Arc::new(process),
-            pre,
+            entry,
+            queues,
             fuel_metered,
             supervisor: Supervisor::default(),
         })
@@ -229,15 +291,11 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes a slot: admission first (refused at once when full), then a
-    /// slot (waiting at most the type's timeout).
-    async fn lease(self: &Arc<Self>) -> Option<Lease> {
-        let admission = self.admission.clone().try_acquire_owned().ok()?;
-        let wait = self.process.limits.timeout;
-        let slot_permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
-            .await
-            .ok()?
-            .ok()?;
+    fn lease_with(
+        self: &Arc<Self>,
+        slot_permit: OwnedSemaphorePermit,
+        admission: Option<OwnedSemaphorePermit>,
+    ) -> Option<Lease> {
         let slot = self.lock_idle().pop()?;
         Some(Lease {
             pool: self.clone(),
@@ -247,12 +305,45 @@ impl Pool {
         })
     }
 
+    /// Takes a slot for a request: admission first (refused at once when
+    /// full), then a slot (waiting at most the type's timeout).
+    async fn lease(self: &Arc<Self>) -> Option<Lease> {
+        let admission = self.admission.clone().try_acquire_owned().ok()?;
+        let wait = self.process.limits.timeout;
+        let slot_permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        self.lease_with(slot_permit, Some(admission))
+    }
+
+    /// Waits for a free slot (workers: the queue itself is the backlog).
+    pub async fn lease_wait(self: &Arc<Self>) -> Option<Lease> {
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        self.lease_with(permit, None)
+    }
+
+    /// Takes a free slot if there is one.
+    pub fn try_lease(self: &Arc<Self>) -> Option<Lease> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.lease_with(permit, None)
+    }
+
+    /// Waits until no unit runs (for at most `grace`); true if all finished.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let all = self.process.scale;
+        tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_ok()
+    }
+
     async fn instantiate(&self, name: &Arc<str>) -> Result<Warm, Failure> {
         if let Some(backoff) = self.supervisor.current_backoff() {
             tokio::time::sleep(backoff).await;
         }
         let started = Instant::now();
-        let mut store = Store::new(self.pre.engine(), InstanceState::new(&self.process, name));
+        let state = InstanceState::new(&self.process, name, self.queues.as_ref());
+        let mut store = Store::new(self.entry.engine(), state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|ctx| {
             Ok(if Instant::now() >= ctx.data().deadline {
@@ -262,16 +353,19 @@ impl Pool {
             })
         });
         self.arm(&mut store);
-        let proxy = self.pre.instantiate_async(&mut store).await.map_err(|e| {
-            match classify(&e, store.data()) {
-                Failure::Trap(msg) => Failure::Instantiate(msg),
-                other => other,
-            }
+        let exports = match &self.entry {
+            Entry::Web(pre) => pre.instantiate_async(&mut store).await.map(Exports::Web),
+            Entry::Worker(pre) => pre.instantiate_async(&mut store).await.map(Exports::Worker),
+            Entry::Clock(pre) => pre.instantiate_async(&mut store).await.map(Exports::Clock),
+        }
+        .map_err(|e| match classify(&e, store.data()) {
+            Failure::Trap(msg) => Failure::Instantiate(msg),
+            other => other,
         })?;
         tracing::debug!(instance = %name, elapsed = ?started.elapsed(), "instance started");
         Ok(Warm {
             store,
-            proxy,
+            exports,
             served: 0,
         })
     }
@@ -286,6 +380,96 @@ impl Pool {
             // Infallible when fuel consumption is on, which `fuel_metered` says.
             let _ = store.set_fuel(self.process.limits.fuel.unwrap_or(u64::MAX));
         }
+    }
+
+    /// The slot's warm instance, or a new one; armed for one unit.
+    async fn checkout(&self, lease: &mut Lease) -> Result<Warm, Failure> {
+        let Some(slot) = lease.slot.as_mut() else {
+            return Err(Failure::Instantiate("no slot".into()));
+        };
+        let mut warm = match slot.warm.take() {
+            Some(warm) => warm,
+            None => self.instantiate(&slot.name).await?,
+        };
+        self.arm(&mut warm.store);
+        Ok(warm)
+    }
+
+    /// Ends a unit: keeps the instance warm if it succeeded and `reuse`
+    /// allows, drops it otherwise; tells the supervisor.
+    fn checkin(&self, lease: &mut Lease, mut warm: Warm, succeeded: bool) {
+        if succeeded {
+            self.supervisor.succeeded(&self.process.name);
+            warm.served += 1;
+            if warm.served < self.process.reuse
+                && let Some(slot) = lease.slot.as_mut()
+            {
+                slot.warm = Some(warm);
+            }
+        } else {
+            self.supervisor.failed(&self.process.name);
+        }
+    }
+
+    /// How long a call may take before the host-side timer stops it: the
+    /// epoch deadline stops a guest that computes, this one a guest that
+    /// waits on the host (an outbound request, a sleep).
+    fn backstop(&self) -> Duration {
+        self.process.limits.timeout + EPOCH_TICK * 2
+    }
+
+    /// Runs one queue message in the lease's instance.
+    pub async fn run_message(
+        &self,
+        lease: &mut Lease,
+        delivery: &Delivery,
+    ) -> Result<Outcome, Failure> {
+        let mut warm = self.checkout(lease).await?;
+        let call = async {
+            match &warm.exports {
+                Exports::Worker(worker) => {
+                    worker
+                        .wasmproc_host_handler()
+                        .call_handle(&mut warm.store, delivery)
+                        .await
+                }
+                _ => Err(wasmtime::format_err!("not a worker")),
+            }
+        };
+        let result = match tokio::time::timeout(self.backstop(), call).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => Err(classify(&e, warm.store.data())),
+            Err(_) => Err(Failure::Timeout),
+        };
+        self.checkin(lease, warm, result.is_ok());
+        result
+    }
+
+    /// Runs one clock tick in the lease's instance.
+    pub async fn run_tick(
+        &self,
+        lease: &mut Lease,
+        tick: &Tick,
+    ) -> Result<Result<(), String>, Failure> {
+        let mut warm = self.checkout(lease).await?;
+        let call = async {
+            match &warm.exports {
+                Exports::Clock(clock) => {
+                    clock
+                        .wasmproc_host_scheduled()
+                        .call_on_tick(&mut warm.store, tick)
+                        .await
+                }
+                _ => Err(wasmtime::format_err!("not a clock")),
+            }
+        };
+        let result = match tokio::time::timeout(self.backstop(), call).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => Err(classify(&e, warm.store.data())),
+            Err(_) => Err(Failure::Timeout),
+        };
+        self.checkin(lease, warm, result.is_ok());
+        result
     }
 
     /// Serves one HTTP request with an instance of this type.
@@ -325,11 +509,7 @@ impl Pool {
         let (sender, receiver) = oneshot::channel();
         let pool = self.clone();
         let unit = tokio::spawn(async move {
-            let outcome = pool.run_unit(&mut lease, request, sender).await;
-            match &outcome {
-                Ok(()) => pool.supervisor.succeeded(&pool.process.name),
-                Err(_) => pool.supervisor.failed(&pool.process.name),
-            }
+            let outcome = pool.run_request(&mut lease, request, sender).await;
             drop(lease);
             outcome
         });
@@ -358,9 +538,8 @@ impl Pool {
         failure_response(&self.process, &failure)
     }
 
-    /// Runs one unit in the lease's slot. On success the instance stays
-    /// warm if `reuse` allows; on failure it is dropped.
-    async fn run_unit(
+    /// Runs one HTTP request in the lease's instance.
+    async fn run_request(
         &self,
         lease: &mut Lease,
         request: http::Request<hyper::body::Incoming>,
@@ -368,15 +547,7 @@ impl Pool {
             Result<HttpResponse, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
         >,
     ) -> Result<(), Failure> {
-        let Some(slot) = lease.slot.as_mut() else {
-            return Err(Failure::Instantiate("no slot".into()));
-        };
-        let mut warm = match slot.warm.take() {
-            Some(warm) => warm,
-            None => self.instantiate(&slot.name).await?,
-        };
-        self.arm(&mut warm.store);
-
+        let mut warm = self.checkout(lease).await?;
         let limit = usize::try_from(self.process.limits.body).unwrap_or(usize::MAX);
         let request = request.map(move |body| {
             Limited::new(body, limit).map_err(move |e| match e.downcast::<hyper::Error>() {
@@ -388,27 +559,29 @@ impl Pool {
         let resources = http
             .new_incoming_request(Scheme::Http, request)
             .and_then(|req| Ok((req, http.new_response_outparam(sender)?)));
-        let (req, out) =
-            resources.map_err(|e| Failure::Trap(format!("cannot pass the request: {e}")))?;
-
-        let call = warm
-            .proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut warm.store, req, out);
-        // The epoch deadline stops a guest that computes; this timer stops
-        // one that waits on the host (an outbound request, a sleep).
-        let backstop = self.process.limits.timeout + EPOCH_TICK * 2;
-        let result = match tokio::time::timeout(backstop, call).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(classify(&e, warm.store.data())),
-            Err(_) => Err(Failure::Timeout),
+        let result = match resources {
+            Err(e) => Err(Failure::Trap(format!("cannot pass the request: {e}"))),
+            Ok((req, out)) => {
+                let call = async {
+                    match &warm.exports {
+                        Exports::Web(proxy) => {
+                            proxy
+                                .wasi_http_incoming_handler()
+                                .call_handle(&mut warm.store, req, out)
+                                .await
+                        }
+                        _ => Err(wasmtime::format_err!("not a web component")),
+                    }
+                };
+                match tokio::time::timeout(self.backstop(), call).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(classify(&e, warm.store.data())),
+                    Err(_) => Err(Failure::Timeout),
+                }
+            }
         };
-        result?;
-        warm.served += 1;
-        if warm.served < self.process.reuse {
-            slot.warm = Some(warm);
-        }
-        Ok(())
+        self.checkin(lease, warm, result.is_ok());
+        result
     }
 }
 

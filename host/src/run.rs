@@ -16,12 +16,15 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use wasmtime::Engine;
 
+use tokio::sync::watch;
+
 use crate::engine::{self, CacheOutcome, CompileCache, Demand, EpochTicker, Footprint};
-use crate::formation::{Formation, FormationError};
+use crate::formation::{Formation, FormationError, Kind, ProcessType};
 use crate::http::PoolRouter;
-use crate::instance;
-use crate::pool::Pool;
+use crate::pool::{Pool, required_export};
+use crate::queue::Queues;
 use crate::router::Router;
+use crate::{admin, clock, instance, worker};
 
 /// A refusal to start that is the formation's fault (exit code 2), such as
 /// a pool that cannot be reserved or a build command that fails.
@@ -74,7 +77,12 @@ pub struct Prepared {
 }
 
 /// Reads, inspects, compiles and links every component of `formation`.
-pub fn prepare(formation: &Formation, cache: &CompileCache) -> anyhow::Result<Prepared> {
+/// Guests enqueue through `queues` (`None` when checking only).
+pub fn prepare(
+    formation: &Formation,
+    cache: &CompileCache,
+    queues: Option<&Queues>,
+) -> anyhow::Result<Prepared> {
     let mut errors: Vec<FormationError> = Vec::new();
     let mut loaded = Vec::new();
     for process in &formation.processes {
@@ -127,9 +135,15 @@ pub fn prepare(formation: &Formation, cache: &CompileCache) -> anyhow::Result<Pr
                 continue;
             }
         };
-        match Pool::new(process.clone(), &component, &linker, fuel_metered) {
+        match Pool::new(
+            process.clone(),
+            &component,
+            &linker,
+            fuel_metered,
+            queues.cloned(),
+        ) {
             Ok(pool) => pools.push(Arc::new(pool)),
-            Err(e) => errors.push(at(link_error(process.component.display(), &e))),
+            Err(e) => errors.push(at(link_error(process, &e))),
         }
     }
     if !errors.is_empty() {
@@ -139,58 +153,147 @@ pub fn prepare(formation: &Formation, cache: &CompileCache) -> anyhow::Result<Pr
 }
 
 /// Words a linking failure the way a user can act on.
-fn link_error(component: std::path::Display<'_>, error: &anyhow::Error) -> String {
+fn link_error(process: &ProcessType, error: &anyhow::Error) -> String {
+    let component = process.component.display();
     let text = format!("{error:#}");
-    if text.contains("wasi:http/incoming-handler") {
+    if text.contains("no exported instance named")
+        || text.contains("export") && !text.contains("import")
+    {
         format!(
-            "`{component}` does not export `wasi:http/incoming-handler`: a web process type must be a `wasi:http/proxy` component"
+            "`{component}` does not export {}",
+            required_export(process.kind)
         )
     } else {
         format!("`{component}` cannot be linked: {text}")
     }
 }
 
+/// Whether the formation needs a queue backend: it has a worker.
+pub fn needs_queues(formation: &Formation) -> bool {
+    formation.processes.iter().any(|p| p.kind == Kind::Worker)
+}
+
 /// Serves `formation` until SIGTERM or SIGINT.
 pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()> {
-    let prepared = prepare(&formation, &cache)?;
+    let queues = if needs_queues(&formation) {
+        Some(
+            Queues::open(&formation)
+                .await
+                .map_err(|e| Refused(format!("cannot open the queue: {e:#}")))?,
+        )
+    } else {
+        None
+    };
+    let prepared = prepare(&formation, &cache, queues.as_ref())?;
     let _ticker = EpochTicker::start(&prepared.engine)?;
-    let mut routes = Vec::new();
-    for pool in &prepared.pools {
-        for route in &pool.process().routes {
-            routes.push((route.clone(), pool.clone()));
-        }
-    }
-    let router: Arc<PoolRouter> = Arc::new(Router::new(routes));
+    let grace = formation.http.shutdown_grace;
 
-    let listen = formation.http.listen;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| Refused(format!("cannot listen on {listen}: {e}")))?;
-    let bound = listener.local_addr()?;
+    // Bind every socket before anything runs, so a taken port fails the start.
+    let admin_listener = bind(formation.admin.listen, "the admin API").await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let web: Vec<&Arc<Pool>> = prepared
+        .pools
+        .iter()
+        .filter(|p| p.process().kind == Kind::Web)
+        .collect();
+    let http_listener = if web.is_empty() {
+        None
+    } else {
+        Some(bind(formation.http.listen, "HTTP").await?)
+    };
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(admin::serve(
+        admin_listener,
+        queues.clone(),
+        until_stopped(stopped.clone()),
+    ));
+    let addr_file = formation.dir.join(".wasmproc").join("admin.addr");
+    if let Err(e) = std::fs::create_dir_all(formation.dir.join(".wasmproc"))
+        .and_then(|()| std::fs::write(&addr_file, admin_addr.to_string()))
+    {
+        tracing::warn!("cannot write `{}`: {e}", addr_file.display());
+    }
+    tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
+
     for pool in &prepared.pools {
         let p = pool.process();
-        let routes: Vec<String> = p.routes.iter().map(ToString::to_string).collect();
+        let what = match p.kind {
+            Kind::Web => {
+                let routes: Vec<String> = p.routes.iter().map(ToString::to_string).collect();
+                format!("routes {}", routes.join(" "))
+            }
+            Kind::Worker => format!("queue {}", p.queue.as_deref().unwrap_or("?")),
+            Kind::Clock => format!(
+                "schedule \"{}\" ({})",
+                p.schedule.as_ref().map_or("?", |s| s.expression.as_str()),
+                p.schedule.as_ref().map_or(chrono_tz::UTC, |s| s.timezone)
+            ),
+        };
         tracing::info!(
             process = %p.name,
-            "process type `{}`: kind {}, scale {}, reuse {}, routes {}",
+            "process type `{}`: kind {}, scale {}, reuse {}, {what}",
             p.name,
             p.kind,
             p.scale,
-            p.reuse,
-            routes.join(" ")
+            p.reuse
         );
+        match (p.kind, &queues) {
+            (Kind::Worker, Some(queues)) => {
+                tasks.spawn(worker::consume(
+                    pool.clone(),
+                    queues.clone(),
+                    stopped.clone(),
+                ));
+            }
+            (Kind::Clock, _) => {
+                tasks.spawn(clock::schedule(pool.clone(), stopped.clone()));
+            }
+            _ => {}
+        }
     }
-    tracing::info!(addr = %bound, "listening on http://{bound}");
+    if let Some(listener) = http_listener {
+        let mut routes = Vec::new();
+        for pool in &web {
+            for route in &pool.process().routes {
+                routes.push((route.clone(), (*pool).clone()));
+            }
+        }
+        let router: Arc<PoolRouter> = Arc::new(Router::new(routes));
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "listening on http://{bound}");
+        tasks.spawn(crate::http::serve(
+            listener,
+            router,
+            until_stopped(stopped.clone()),
+            grace,
+        ));
+    }
 
-    crate::http::serve(
-        listener,
-        router,
-        shutdown_signal(),
-        formation.http.shutdown_grace,
-    )
-    .await;
+    tracing::info!("ready: {} process types running", prepared.pools.len());
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    // The HTTP front drains its connections within the grace period; the
+    // worker and clock loops stop taking work. Then every pool drains.
+    let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    for pool in &prepared.pools {
+        if !pool.drain(grace).await {
+            tracing::warn!(process = %pool.process().name, "grace period over: abandoning running units");
+        }
+    }
+    let _ = std::fs::remove_file(&addr_file);
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Refused(format!("cannot listen on {addr} for {what}: {e}")).into())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -53,8 +53,11 @@ pub fn wasmproc() -> Command {
 /// A running `wasmproc run`.
 pub struct Host {
     child: Option<Child>,
-    /// Where it serves, read from its `listening on` log line.
+    /// Where it serves HTTP, read from its `listening on` log line (empty
+    /// without web process types).
     pub addr: String,
+    /// Where its admin API listens.
+    pub admin: String,
     lines: Arc<Mutex<Vec<String>>>,
     dir: tempfile::TempDir,
 }
@@ -103,18 +106,21 @@ impl Host {
         let mut host = Host {
             child: Some(child),
             addr: String::new(),
+            admin: String::new(),
             lines,
             dir,
         };
-        let line = host.wait_for_log("listening on http://");
-        host.addr = line
-            .split("listening on http://")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string();
+        host.wait_for_log("ready: ");
+        let address = |log: &[String], marker: &str| {
+            log.iter()
+                .find_map(|l| l.split(marker).nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let log = host.log();
+        host.addr = address(&log, "listening on http://");
+        host.admin = address(&log, "admin API on http://");
         host
     }
 

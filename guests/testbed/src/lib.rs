@@ -15,6 +15,7 @@
 //! | `/fetch?url=U`      | makes an outbound GET and answers the status or the error  |
 //! | `/echo`             | answers the request body                                   |
 //! | `/log?msg=M`        | prints M to stdout and to stderr                           |
+//! | `/enqueue?queue=Q&body=B` | enqueues B onto Q and answers the id or the error    |
 
 use std::io::{Read as _, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,7 @@ use wasip2::http::types::{
 };
 
 wasip2::http::proxy::export!(Testbed);
+wasmproc_guest::producer!();
 
 struct Testbed;
 
@@ -161,6 +163,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                 println!("{msg}");
                 eprintln!("{msg} on stderr");
                 respond(out, 200, b"logged\n");
+            }
+            "/enqueue" => {
+                let queue = query_param(query, "queue").unwrap_or_default();
+                let body = query_param(query, "body").unwrap_or_default();
+                match enqueue(&queue, body) {
+                    Ok(id) => respond(out, 200, format!("enqueued {id}\n").as_bytes()),
+                    Err(e) => respond(out, 200, format!("error: {e:?}\n").as_bytes()),
+                }
             }
             _ => respond(out, 404, b"testbed: no such path\n"),
         }

@@ -63,6 +63,21 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_BODY: u64 = 10 << 20;
 /// Largest `limits.body` a process type may ask for.
 pub const MAX_BODY: u64 = 1 << 30;
+/// Where the embedded queue keeps its data, relative to the formation file.
+pub const DEFAULT_QUEUE_PATH: &str = ".wasmproc/queue";
+/// Largest message body accepted by `enqueue`, when `[queue] max_message` is absent.
+pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 20;
+/// Largest `[queue] max_message`.
+pub const MAX_MAX_MESSAGE: u64 = 64 << 20;
+/// Where the admin API listens when `[admin] listen` is absent: loopback, any free port.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:0";
+/// Deliveries of one message before it is dead-lettered, when `retry.attempts` is absent.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 5;
+/// Most `retry.attempts`.
+pub const MAX_RETRY_ATTEMPTS: u32 = 1000;
+/// First and longest redelivery delay, when `retry.backoff` is absent.
+pub const DEFAULT_BACKOFF: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(300));
 
 /// The whole `formation.toml`, validated.
 #[derive(Debug, Clone)]
@@ -75,6 +90,10 @@ pub struct Formation {
     pub source: String,
     /// The `[http]` table.
     pub http: HttpSettings,
+    /// The `[queue]` table.
+    pub queue: QueueSettings,
+    /// The `[admin]` table.
+    pub admin: AdminSettings,
     /// Process types, in name order.
     pub processes: Vec<ProcessType>,
 }
@@ -86,6 +105,69 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+}
+
+/// The `[queue]` table: where messages for workers are kept.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// The backend.
+    pub backend: QueueBackend,
+    /// Largest message body accepted, in bytes.
+    pub max_message: u64,
+}
+
+/// Where queued messages live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// A durable store on local disk, in this folder (absolute).
+    Embedded {
+        /// The data folder.
+        path: PathBuf,
+    },
+    /// Redis Streams, shared by every host that names the same server.
+    Redis {
+        /// `redis://host:port/db`.
+        url: String,
+    },
+}
+
+/// The `[admin]` table: the control API (enqueue, dead letters).
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// The address to bind, after `${VAR}` expansion.
+    pub listen: SocketAddr,
+}
+
+/// How a worker retries a message that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Deliveries before the message goes to the dead-letter queue.
+    pub attempts: u32,
+    /// Delay before the second delivery; it doubles each time (with jitter).
+    pub backoff_min: Duration,
+    /// Longest delay between deliveries.
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+            backoff_min: DEFAULT_BACKOFF.0,
+            backoff_max: DEFAULT_BACKOFF.1,
+        }
+    }
+}
+
+/// A clock's schedule.
+#[derive(Debug, Clone)]
+pub struct ClockSchedule {
+    /// The cron expression as written (seconds first).
+    pub expression: String,
+    /// The parsed expression.
+    pub schedule: cron::Schedule,
+    /// The timezone the expression is read in.
+    pub timezone: chrono_tz::Tz,
 }
 
 /// What a process type does with its instances.
@@ -141,6 +223,14 @@ pub struct ProcessType {
     /// Hosts (`host` or `host:port`, or `*` for any) the guest may send
     /// outbound HTTP requests to. Empty: none.
     pub allow_outbound: Vec<String>,
+    /// Queues the guest may enqueue onto (each consumed by some worker).
+    pub enqueue: Vec<String>,
+    /// The queue a worker consumes.
+    pub queue: Option<String>,
+    /// How a worker retries failed messages.
+    pub retry: RetryPolicy,
+    /// When a clock ticks.
+    pub schedule: Option<ClockSchedule>,
 }
 
 /// Limits of one process type.
@@ -360,6 +450,8 @@ impl Formation {
             problems.toml(error);
         }
         let mut http = None;
+        let mut queue = None;
+        let mut admin = None;
         let mut processes = Vec::new();
         if !had_syntax_errors {
             let document = document.into_inner();
@@ -369,10 +461,20 @@ impl Formation {
                         http = deserialize::<raw::Http>(value, &mut problems)
                             .map(|raw| raw.validate(&lookup, &mut problems));
                     }
+                    "queue" => {
+                        queue = deserialize::<raw::Queue>(value, &mut problems)
+                            .map(|raw| raw.validate(&dir, &mut problems));
+                    }
+                    "admin" => {
+                        admin = deserialize::<raw::Admin>(value, &mut problems)
+                            .map(|raw| raw.validate(&lookup, &mut problems));
+                    }
                     "process" => processes = process_tables(value, &dir, &mut problems),
                     other => problems.at(
                         key.span(),
-                        format!("unknown table `{other}`, expected `http` or `process`"),
+                        format!(
+                            "unknown table `{other}`, expected `http`, `queue`, `admin` or `process`"
+                        ),
                     ),
                 }
             }
@@ -384,20 +486,30 @@ impl Formation {
                 });
             }
             check_routes(&processes, &mut problems);
+            check_queues(&processes, &mut problems);
         }
 
         let http = match http {
-            Some(Some(http)) => Some(http),
-            Some(None) => None,
+            Some(http) => http,
             None => raw::Http::default().validate(&lookup, &mut problems),
         };
-        match http {
-            Some(http) if problems.0.is_empty() => Ok(Formation {
+        let queue = queue.unwrap_or_else(|| raw::Queue::default().validate(&dir, &mut problems));
+        let admin = match admin {
+            Some(admin) => admin,
+            None => raw::Admin::default().validate(&lookup, &mut problems),
+        };
+        match (http, queue, admin) {
+            (Some(http), queue, Some(admin)) if problems.0.is_empty() => Ok(Formation {
                 path: path.to_path_buf(),
                 dir,
                 source: source.to_string(),
                 http,
-                processes: processes.into_iter().map(|(p, _)| p).collect(),
+                queue,
+                admin,
+                processes: processes
+                    .into_iter()
+                    .map(|located| located.process)
+                    .collect(),
             }),
             _ => Err(FormationErrors::new(path, source, problems.0)),
         }
@@ -431,13 +543,19 @@ fn deserialize<T: for<'de> Deserialize<'de>>(
     }
 }
 
-/// Validates every `[process.NAME]` table; returns each valid one with the
-/// spans of its routes (for duplicate-route errors).
+/// A validated process type and the places of what later checks look at.
+struct Located {
+    process: ProcessType,
+    route_spans: Vec<Range<usize>>,
+    enqueue_spans: Vec<Range<usize>>,
+}
+
+/// Validates every `[process.NAME]` table.
 fn process_tables(
     value: Spanned<DeValue<'_>>,
     dir: &Path,
     problems: &mut Problems,
-) -> Vec<(ProcessType, Vec<Range<usize>>)> {
+) -> Vec<Located> {
     let span = value.span();
     let DeValue::Table(table) = value.into_inner() else {
         problems.at(span, "`process` must be a table of `[process.NAME]` tables");
@@ -447,7 +565,7 @@ fn process_tables(
     for (name, body) in table {
         let name_span = name.span();
         let name = name.into_inner().to_string();
-        if let Err(why) = check_name(&name) {
+        if let Err(why) = check_name("process type", &name) {
             problems.at(name_span, why);
             continue;
         }
@@ -460,9 +578,10 @@ fn process_tables(
     out
 }
 
-/// Process type names become instance names (`web.3`), metric labels and CLI
-/// arguments (`wasmproc scale web=3`), so they are kept simple.
-fn check_name(name: &str) -> Result<(), String> {
+/// Process type and queue names become instance names (`web.3`), metric
+/// labels, Redis keys and CLI arguments (`wasmproc scale web=3`), so they
+/// are kept simple.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
     let ok = name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
@@ -472,15 +591,20 @@ fn check_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid process type name `{name}`: expected a lowercase letter followed by lowercase letters, digits, `-` or `_` (at most 63)"
+            "invalid {what} name `{name}`: expected a lowercase letter followed by lowercase letters, digits, `-` or `_` (at most 63)"
         ))
     }
 }
 
-fn check_routes(processes: &[(ProcessType, Vec<Range<usize>>)], problems: &mut Problems) {
+fn check_routes(processes: &[Located], problems: &mut Problems) {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
-    for (process, spans) in processes {
-        for (route, span) in process.routes.iter().zip(spans) {
+    for Located {
+        process,
+        route_spans,
+        ..
+    } in processes
+    {
+        for (route, span) in process.routes.iter().zip(route_spans) {
             let key = route.to_string();
             match seen.get(key.as_str()) {
                 Some(owner) if *owner == process.name => problems.at(
@@ -496,6 +620,48 @@ fn check_routes(processes: &[(ProcessType, Vec<Range<usize>>)], problems: &mut P
                 None => {
                     seen.insert(key, &process.name);
                 }
+            }
+        }
+    }
+}
+
+/// Every queue a type may enqueue onto must be consumed by a worker, and
+/// two workers may not consume one queue.
+fn check_queues(processes: &[Located], problems: &mut Problems) {
+    let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
+    for Located { process, .. } in processes {
+        if let Some(queue) = &process.queue
+            && let Some(other) = consumers.insert(queue, &process.name)
+        {
+            problems.0.push(FormationError {
+                span: Some(process.component_span.clone()),
+                message: format!(
+                    "queue `{queue}` is consumed by both `{other}` and `{}`: give each worker its own queue",
+                    process.name
+                ),
+            });
+        }
+    }
+    let known: Vec<&str> = consumers.keys().copied().collect();
+    for Located {
+        process,
+        enqueue_spans,
+        ..
+    } in processes
+    {
+        for (queue, span) in process.enqueue.iter().zip(enqueue_spans) {
+            if !consumers.contains_key(queue.as_str()) {
+                let expected = if known.is_empty() {
+                    "no worker consumes a queue".to_string()
+                } else {
+                    format!("expected one of `{}`", known.join("`, `"))
+                };
+                problems.at(
+                    span.clone(),
+                    format!(
+                        "unknown queue `{queue}`: no worker process type consumes it ({expected})"
+                    ),
+                );
             }
         }
     }

@@ -27,39 +27,231 @@ pub(super) struct Http {
     shutdown_grace: Option<Spanned<Lenient<HumanDuration>>>,
 }
 
+/// Expands `${VAR}` in a listen address and parses it.
+fn listen_address(
+    value: &Option<Spanned<String>>,
+    default: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<SocketAddr> {
+    let (text, span) = match value {
+        Some(listen) => (listen.get_ref().as_str(), Some(listen.span())),
+        None => (default, None),
+    };
+    let expanded = shellexpand::env_with_context_no_errors(text, |name: &str| lookup(name));
+    match expanded.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            let message = format!(
+                "invalid listen address `{expanded}`: expected `IP:PORT` such as `127.0.0.1:8080` (`${{PORT:-8080}}` reads $PORT)"
+            );
+            problems.0.push(FormationError { span, message });
+            None
+        }
+    }
+}
+
 impl Http {
     pub(super) fn validate(
         self,
         lookup: &impl Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> Option<HttpSettings> {
-        let (text, span) = match &self.listen {
-            Some(listen) => (listen.get_ref().as_str(), Some(listen.span())),
-            None => (DEFAULT_LISTEN, None),
-        };
-        let expanded = shellexpand::env_with_context_no_errors(text, |name: &str| lookup(name));
-        let listen = match expanded.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                let message = format!(
-                    "invalid listen address `{expanded}`: expected `IP:PORT` such as `127.0.0.1:8080` (`${{PORT:-8080}}` reads $PORT)"
-                );
-                match span {
-                    Some(span) => problems.at(span, message),
-                    None => problems.0.push(FormationError {
-                        span: None,
-                        message,
-                    }),
-                }
-                None
-            }
-        };
+        let listen = listen_address(&self.listen, DEFAULT_LISTEN, lookup, problems);
         let shutdown_grace =
             checked(&self.shutdown_grace, problems).map_or(DEFAULT_SHUTDOWN_GRACE, |(g, _)| g.0);
         Some(HttpSettings {
             listen: listen?,
             shutdown_grace,
         })
+    }
+}
+
+/// `[admin]`
+///
+/// ```toml
+/// [admin]
+/// listen = "127.0.0.1:0"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Admin {
+    listen: Option<Spanned<String>>,
+}
+
+impl Admin {
+    pub(super) fn validate(
+        self,
+        lookup: &impl Fn(&str) -> Option<String>,
+        problems: &mut Problems,
+    ) -> Option<AdminSettings> {
+        let listen = listen_address(&self.listen, DEFAULT_ADMIN_LISTEN, lookup, problems)?;
+        if !listen.ip().is_loopback() {
+            let span = self.listen.as_ref().map(|l| l.span());
+            problems.0.push(FormationError {
+                span,
+                message: format!(
+                    "admin listen address `{listen}` is not a loopback address: the admin API has no authentication in this version, expected `127.0.0.1:PORT`"
+                ),
+            });
+            return None;
+        }
+        Some(AdminSettings { listen })
+    }
+}
+
+/// `[queue]`
+///
+/// ```toml
+/// [queue]
+/// backend = "embedded"        # or "redis"
+/// path = ".wasmproc/queue"    # embedded only
+/// url = "redis://127.0.0.1/"  # redis only
+/// max_message = "1MiB"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Queue {
+    backend: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    max_message: Option<Spanned<Lenient<ByteSize>>>,
+}
+
+impl Queue {
+    pub(super) fn validate(self, dir: &Path, problems: &mut Problems) -> QueueSettings {
+        let max_message = match checked(&self.max_message, problems) {
+            None => DEFAULT_MAX_MESSAGE,
+            Some((ByteSize(bytes), span)) => {
+                if !(1..=MAX_MAX_MESSAGE).contains(&bytes) {
+                    problems.at(
+                        span,
+                        format!("`max_message` is {bytes} bytes: expected from 1 byte to 64MiB"),
+                    );
+                }
+                bytes
+            }
+        };
+        let backend = self
+            .backend
+            .as_ref()
+            .map_or("embedded", |b| b.get_ref().as_str());
+        let backend = match backend {
+            "embedded" => {
+                if let Some(url) = &self.url {
+                    problems.at(url.span(), "`url` applies to `backend = \"redis\"` only");
+                }
+                let path = self
+                    .path
+                    .as_ref()
+                    .map_or(DEFAULT_QUEUE_PATH, |p| p.get_ref().as_str());
+                QueueBackend::Embedded {
+                    path: normalize(&dir.join(path)),
+                }
+            }
+            "redis" => {
+                if let Some(path) = &self.path {
+                    problems.at(
+                        path.span(),
+                        "`path` applies to `backend = \"embedded\"` only",
+                    );
+                }
+                let url = match &self.url {
+                    Some(url)
+                        if url.get_ref().starts_with("redis://")
+                            || url.get_ref().starts_with("rediss://") =>
+                    {
+                        url.get_ref().clone()
+                    }
+                    Some(url) => {
+                        problems.at(
+                            url.span(),
+                            format!(
+                                "invalid Redis url `{}`: expected `redis://HOST:PORT`",
+                                url.get_ref()
+                            ),
+                        );
+                        String::new()
+                    }
+                    None => {
+                        let span = self.backend.as_ref().map(|b| b.span());
+                        problems.0.push(FormationError {
+                            span,
+                            message: "`backend = \"redis\"` needs `url = \"redis://HOST:PORT\"`"
+                                .into(),
+                        });
+                        String::new()
+                    }
+                };
+                QueueBackend::Redis { url }
+            }
+            other => {
+                let span = self.backend.as_ref().map(|b| b.span());
+                problems.0.push(FormationError {
+                    span,
+                    message: format!(
+                        "unknown queue backend `{other}`, expected `embedded` or `redis`"
+                    ),
+                });
+                QueueBackend::Embedded {
+                    path: dir.join(DEFAULT_QUEUE_PATH),
+                }
+            }
+        };
+        QueueSettings {
+            backend,
+            max_message,
+        }
+    }
+}
+
+/// `retry = { attempts = 5, backoff = "1s..5m" }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Retry {
+    attempts: Option<Spanned<u32>>,
+    backoff: Option<Spanned<String>>,
+}
+
+impl Retry {
+    fn validate(&self, problems: &mut Problems) -> RetryPolicy {
+        let attempts = bounded(
+            &self.attempts,
+            DEFAULT_RETRY_ATTEMPTS,
+            1,
+            MAX_RETRY_ATTEMPTS,
+            "retry.attempts",
+            problems,
+        );
+        let (backoff_min, backoff_max) = match &self.backoff {
+            None => DEFAULT_BACKOFF,
+            Some(text) => {
+                let parsed = text.get_ref().split_once("..").and_then(|(a, b)| {
+                    Some((
+                        humantime::parse_duration(a.trim()).ok()?,
+                        humantime::parse_duration(b.trim()).ok()?,
+                    ))
+                });
+                match parsed {
+                    Some((min, max)) if min <= max => (min, max),
+                    _ => {
+                        problems.at(
+                            text.span(),
+                            format!(
+                                "invalid backoff `{}`: expected `MIN..MAX` durations such as \"1s..5m\", MIN no larger than MAX",
+                                text.get_ref()
+                            ),
+                        );
+                        DEFAULT_BACKOFF
+                    }
+                }
+            }
+        };
+        RetryPolicy {
+            attempts,
+            backoff_min,
+            backoff_max,
+        }
     }
 }
 
@@ -94,6 +286,12 @@ pub(super) struct Process {
     env: BTreeMap<Spanned<String>, String>,
     #[serde(default)]
     allow_outbound: Vec<Spanned<String>>,
+    #[serde(default)]
+    enqueue: Vec<Spanned<String>>,
+    queue: Option<Spanned<String>>,
+    retry: Option<Spanned<Retry>>,
+    schedule: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
 }
 
 /// `limits = { … }`
@@ -151,14 +349,132 @@ impl Process {
         name: String,
         dir: &Path,
         problems: &mut Problems,
-    ) -> Option<(ProcessType, Vec<Range<usize>>)> {
+    ) -> Option<Located> {
         let before = problems.0.len();
         let kind = *self.kind.get_ref();
-        if kind != Kind::Web {
-            problems.at(
-                self.kind.span(),
-                format!("process kind `{kind}` is not supported by this version of wasmproc: expected `web`"),
-            );
+        let kind_span = self.kind.span();
+        let only =
+            |applies: Kind, key: &str, span: Option<Range<usize>>, problems: &mut Problems| {
+                if kind != applies
+                    && let Some(span) = span
+                {
+                    problems.at(
+                        span,
+                        format!(
+                            "`{key}` applies to {applies} process types only; `{name}` is a {kind}"
+                        ),
+                    );
+                }
+            };
+        only(
+            Kind::Web,
+            "routes",
+            self.routes
+                .as_ref()
+                .and_then(|r| r.first())
+                .map(|r| r.span()),
+            problems,
+        );
+        only(
+            Kind::Web,
+            "backlog",
+            self.backlog.as_ref().map(|b| b.span()),
+            problems,
+        );
+        only(
+            Kind::Worker,
+            "queue",
+            self.queue.as_ref().map(|q| q.span()),
+            problems,
+        );
+        only(
+            Kind::Worker,
+            "retry",
+            self.retry.as_ref().map(|r| r.span()),
+            problems,
+        );
+        only(
+            Kind::Clock,
+            "schedule",
+            self.schedule.as_ref().map(|s| s.span()),
+            problems,
+        );
+        only(
+            Kind::Clock,
+            "timezone",
+            self.timezone.as_ref().map(|t| t.span()),
+            problems,
+        );
+
+        let queue = match (&self.queue, kind) {
+            (Some(queue), Kind::Worker) => {
+                if let Err(why) = check_name("queue", queue.get_ref()) {
+                    problems.at(queue.span(), why);
+                }
+                Some(queue.get_ref().clone())
+            }
+            (None, Kind::Worker) => {
+                problems.at(
+                    kind_span.clone(),
+                    format!("worker `{name}` needs `queue = \"NAME\"`: the queue it consumes"),
+                );
+                None
+            }
+            _ => None,
+        };
+        let retry = self
+            .retry
+            .as_ref()
+            .map_or_else(RetryPolicy::default, |r| r.get_ref().validate(problems));
+        let schedule = match (&self.schedule, kind) {
+            (Some(expression), Kind::Clock) => {
+                let timezone = match &self.timezone {
+                    None => Some(chrono_tz::UTC),
+                    Some(tz) => match tz.get_ref().parse::<chrono_tz::Tz>() {
+                        Ok(tz) => Some(tz),
+                        Err(_) => {
+                            problems.at(
+                                tz.span(),
+                                format!("unknown timezone `{}`: expected an IANA name such as \"Europe/Paris\" or \"UTC\"", tz.get_ref()),
+                            );
+                            None
+                        }
+                    },
+                };
+                match expression.get_ref().parse::<cron::Schedule>() {
+                    Ok(parsed) => timezone.map(|timezone| ClockSchedule {
+                        expression: expression.get_ref().clone(),
+                        schedule: parsed,
+                        timezone,
+                    }),
+                    Err(e) => {
+                        problems.at(
+                            expression.span(),
+                            format!(
+                                "invalid schedule `{}`: {e}; expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)",
+                                expression.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, Kind::Clock) => {
+                problems.at(
+                    kind_span.clone(),
+                    format!(
+                        "clock `{name}` needs `schedule = \"CRON\"`, such as \"0 */5 * * * *\""
+                    ),
+                );
+                None
+            }
+            _ => None,
+        };
+        let mut enqueue = Vec::new();
+        let mut enqueue_spans = Vec::new();
+        for queue in &self.enqueue {
+            enqueue.push(queue.get_ref().clone());
+            enqueue_spans.push(queue.span());
         }
 
         let component_span = self.component.span();
@@ -174,6 +490,7 @@ impl Process {
         let mut routes = Vec::new();
         let mut route_spans = Vec::new();
         match self.routes {
+            _ if kind != Kind::Web => {}
             None => {
                 routes.push(Route {
                     host: None,
@@ -182,7 +499,7 @@ impl Process {
                 route_spans.push(component_span.clone());
             }
             Some(list) => {
-                if list.is_empty() && kind == Kind::Web {
+                if list.is_empty() {
                     problems.at(
                         component_span.clone(),
                         format!("`{name}` has `routes = []`: a web process type needs at least one route"),
@@ -240,8 +557,8 @@ impl Process {
         if problems.0.len() != before {
             return None;
         }
-        Some((
-            ProcessType {
+        Some(Located {
+            process: ProcessType {
                 name,
                 kind,
                 component,
@@ -254,9 +571,14 @@ impl Process {
                 limits,
                 env,
                 allow_outbound,
+                enqueue,
+                queue,
+                retry,
+                schedule,
             },
             route_spans,
-        ))
+            enqueue_spans,
+        })
     }
 }
 

@@ -1,0 +1,199 @@
+//! The admin API: a second HTTP listener, on loopback, for operators and
+//! for other services on the machine.
+//!
+//! | method and path                              | does                                   |
+//! |----------------------------------------------|----------------------------------------|
+//! | `GET /healthz`                               | `200 ok` while the host runs           |
+//! | `POST /queues/Q/messages[?delay=5s]`         | enqueues the body (its `content-type` kept); `202 {"id": …}` |
+//! | `GET /queues/Q/dead-letters`                 | the dead letters of Q, as JSON         |
+//! | `POST /queues/Q/dead-letters/replay[?ids=a,b]` | moves dead letters back to Q; `{"replayed": n}` |
+//!
+//! Errors are JSON `{"error": "…"}`: 404 for an unknown queue or path, 413
+//! for a message over `[queue] max_message`, 400 for a bad parameter, 503
+//! when the backend fails.
+//!
+//! The bound address is logged (`admin API on http://…`) and
+//! written to `.wasmproc/admin.addr` beside the formation, where the CLI
+//! (`wasmproc enqueue`, `wasmproc dlq`) finds it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::queue::{NewMessage, QueueError, Queues};
+
+type AdminResponse = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> AdminResponse {
+    json(status, &serde_json::json!({ "error": message.to_string() }))
+}
+
+fn queue_error(e: &QueueError) -> AdminResponse {
+    let status = match e {
+        QueueError::UnknownQueue(_) => StatusCode::NOT_FOUND,
+        QueueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        QueueError::Full | QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e)
+}
+
+fn query<'a>(uri: &'a http::Uri, name: &str) -> Option<&'a str> {
+    uri.query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+async fn handle(
+    queues: Option<&Queues>,
+    request: http::Request<hyper::body::Incoming>,
+) -> AdminResponse {
+    let path: Vec<&str> = request.uri().path().trim_matches('/').split('/').collect();
+    let method = request.method().clone();
+    match (method, path.as_slice()) {
+        (Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (method, ["queues", queue, rest @ ..]) => {
+            let Some(queues) = queues else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown queue `{queue}`: the formation has no workers"),
+                );
+            };
+            if let Err(e) = queues.check_known(queue) {
+                return queue_error(&e);
+            }
+            let queue = (*queue).to_string();
+            match (method, rest) {
+                (Method::POST, ["messages"]) => enqueue(queues, &queue, request).await,
+                (Method::GET, ["dead-letters"]) => {
+                    match queues.backend().dead_letters(&queue).await {
+                        Ok(letters) => json(StatusCode::OK, &serde_json::json!(letters)),
+                        Err(e) => queue_error(&e),
+                    }
+                }
+                (Method::POST, ["dead-letters", "replay"]) => {
+                    let ids: Vec<String> = query(request.uri(), "ids")
+                        .map(|ids| {
+                            ids.split(',')
+                                .filter(|s| !s.is_empty())
+                                .map(String::from)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    match queues.backend().replay(&queue, &ids).await {
+                        Ok(n) => json(StatusCode::OK, &serde_json::json!({ "replayed": n })),
+                        Err(e) => queue_error(&e),
+                    }
+                }
+                _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+            }
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+async fn enqueue(
+    queues: &Queues,
+    queue: &str,
+    request: http::Request<hyper::body::Incoming>,
+) -> AdminResponse {
+    let delay = match query(request.uri(), "delay").map(humantime::parse_duration) {
+        None => Default::default(),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid `delay`: {e}; expected a duration such as 5s"),
+            );
+        }
+    };
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    // Read one byte past the limit, so an oversize body is reported as such.
+    let limit = usize::try_from(queues.max_message())
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes().to_vec(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return queue_error(&QueueError::TooLarge {
+                size: limit as u64,
+                limit: queues.max_message(),
+            });
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            );
+        }
+    };
+    let message = NewMessage {
+        body,
+        content_type,
+        headers: Vec::new(),
+        delay,
+    };
+    match queues.enqueue(queue, message).await {
+        Ok(id) => {
+            tracing::debug!(%queue, message.id = %id, "enqueued through the admin API");
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "id": id, "queue": queue }),
+            )
+        }
+        Err(e) => queue_error(&e),
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    queues: Option<Queues>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let queues = Arc::new(queues);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("admin accept failed: {e}");
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let queues = queues.clone();
+        let service = service_fn(move |request| {
+            let queues = queues.clone();
+            async move { Ok::<_, Infallible>(handle(queues.as_ref().as_ref(), request).await) }
+        });
+        tokio::spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

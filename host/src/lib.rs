@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod bindings;
+pub mod client;
 pub mod clock;
 pub mod engine;
 pub mod formation;

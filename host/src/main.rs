@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use wasmproc::client;
 use wasmproc::engine::CompileCache;
 use wasmproc::formation::{Formation, FormationErrors};
 use wasmproc::run::{self, Refused};
@@ -30,6 +31,64 @@ enum Command {
     Run(FormationArgs),
     /// Validate a formation and compile its components, without serving.
     Check(FormationArgs),
+    /// Enqueue a message onto a queue of a running host.
+    Enqueue(EnqueueArgs),
+    /// List or replay the dead letters of a queue of a running host.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+/// How the CLI finds a running host.
+#[derive(Args)]
+struct HostArgs {
+    /// The running host's formation (its admin address is read from
+    /// `.wasmproc/admin.addr` beside it).
+    #[arg(long, short = 'f', default_value = "formation.toml")]
+    formation: PathBuf,
+    /// The admin API address (`127.0.0.1:PORT`), instead of `--formation`.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    #[command(flatten)]
+    host: HostArgs,
+    /// The queue.
+    queue: String,
+    /// The message body; `-` or absent reads standard input.
+    body: Option<String>,
+    /// Read the body from this file.
+    #[arg(long, conflicts_with = "body")]
+    file: Option<PathBuf>,
+    /// The body's media type.
+    #[arg(long)]
+    content_type: Option<String>,
+    /// Deliver no earlier than this, such as `30s`.
+    #[arg(long)]
+    delay: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the dead letters of a queue, one JSON object per line.
+    List {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The queue.
+        queue: String,
+    },
+    /// Move dead letters back onto their queue as new first attempts.
+    Replay {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The queue.
+        queue: String,
+        /// Message ids; none replays them all.
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -67,10 +126,18 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn execute(command: Command) -> anyhow::Result<()> {
     let (args, serve) = match command {
         Command::Run(args) => (args, true),
         Command::Check(args) => (args, false),
+        Command::Enqueue(args) => return runtime()?.block_on(enqueue(args)),
+        Command::Dlq { action } => return runtime()?.block_on(dlq(action)),
     };
     let formation = Formation::load(&args.formation, |name| std::env::var(name).ok())?;
     if args.build {
@@ -82,10 +149,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             .unwrap_or_else(|| run::default_cache_dir(&formation)),
     );
     if serve {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(run::run(formation, cache))
+        runtime()?.block_on(run::run(formation, cache))
     } else {
         run::prepare(&formation, &cache, None)?;
         let names: Vec<String> = formation
@@ -96,4 +160,67 @@ fn execute(command: Command) -> anyhow::Result<()> {
         println!("{}: ok: {}", formation.path.display(), names.join(", "));
         Ok(())
     }
+}
+
+async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let addr = client::admin_address(args.host.admin.as_deref(), &args.host.formation)?;
+    let body = match (&args.file, args.body.as_deref()) {
+        (Some(file), _) => std::fs::read(file)
+            .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?,
+        (None, Some(body)) if body != "-" => body.as_bytes().to_vec(),
+        (None, _) => {
+            let mut body = Vec::new();
+            std::io::stdin().read_to_end(&mut body)?;
+            body
+        }
+    };
+    let mut path = format!("/queues/{}/messages", args.queue);
+    if let Some(delay) = &args.delay {
+        path.push_str(&format!("?delay={delay}"));
+    }
+    let (status, text) = client::call(
+        &addr,
+        http::Method::POST,
+        &path,
+        body,
+        args.content_type.as_deref(),
+    )
+    .await?;
+    client::check(status, &text)?;
+    let id = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("id")?.as_str().map(String::from))
+        .unwrap_or(text);
+    println!("{id}");
+    Ok(())
+}
+
+async fn dlq(action: DlqAction) -> anyhow::Result<()> {
+    match action {
+        DlqAction::List { host, queue } => {
+            let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
+            let path = format!("/queues/{queue}/dead-letters");
+            let (status, text) =
+                client::call(&addr, http::Method::GET, &path, Vec::new(), None).await?;
+            client::check(status, &text)?;
+            let letters: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+            for letter in letters {
+                println!("{letter}");
+            }
+        }
+        DlqAction::Replay { host, queue, ids } => {
+            let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
+            let path = format!("/queues/{queue}/dead-letters/replay?ids={}", ids.join(","));
+            let (status, text) =
+                client::call(&addr, http::Method::POST, &path, Vec::new(), None).await?;
+            client::check(status, &text)?;
+            let n = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("replayed")?.as_u64())
+                .unwrap_or(0);
+            println!("replayed {n} message{}", if n == 1 { "" } else { "s" });
+        }
+    }
+    Ok(())
 }

@@ -40,6 +40,16 @@ pub fn guest(name: &str) -> String {
     guests().join(format!("{name}.wasm")).display().to_string()
 }
 
+/// Replaces `{hello}`, `{testbed}`, `{testworker}`, `{testclock}` with
+/// the paths of the built guests.
+pub fn expand(formation: &str) -> String {
+    ["hello", "testbed", "testworker", "testclock"]
+        .iter()
+        .fold(formation.to_string(), |text, name| {
+            text.replace(&format!("{{{name}}}"), &guest(name))
+        })
+}
+
 /// A compile cache shared by the tests, so each guest compiles once.
 pub fn shared_cache() -> PathBuf {
     root().join("target/wasmproc-test-cache")
@@ -81,17 +91,18 @@ impl Host {
     /// Like [`Host::start`], with a given cache and extra environment.
     pub fn start_with(formation: &str, cache: &Path, env: &[(&str, &str)]) -> Host {
         let dir = tempfile::tempdir().unwrap();
-        let text = formation
-            .replace("{hello}", &guest("hello"))
-            .replace("{testbed}", &guest("testbed"));
         let path = dir.path().join("formation.toml");
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, expand(formation)).unwrap();
+        Self::spawn(dir, &path, cache, env)
+    }
+
+    fn spawn(dir: tempfile::TempDir, path: &Path, cache: &Path, env: &[(&str, &str)]) -> Host {
         let mut command = wasmproc();
         command
             .arg("run")
             .arg("--cache-dir")
             .arg(cache)
-            .arg(&path)
+            .arg(path)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_clear()
@@ -254,5 +265,116 @@ pub fn request(
         status,
         retry_after,
         body,
+    }
+}
+
+/// A `redis-server` on a free loopback port, stopped on drop.
+pub struct RedisServer {
+    child: Child,
+    /// `redis://127.0.0.1:PORT/`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one; fails the test if `redis-server` is not installed
+    /// (`.ci/run` installs it).
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < DEADLINE, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Host {
+    /// Sends SIGKILL (no chance to clean up) and waits for the process.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Runs `formation` again in the same folder (same queue data), with
+    /// the shared compile cache.
+    pub fn restart_in(dir: tempfile::TempDir, formation_file: &Path) -> Host {
+        Self::spawn(dir, formation_file, &shared_cache(), &[])
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until `check(log)` holds, failing with the log after [`DEADLINE`].
+    pub fn wait_until(&self, what: &str, check: impl Fn(&[String]) -> bool) {
+        let start = Instant::now();
+        loop {
+            if check(&self.log()) {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{what}: not within {DEADLINE:?}:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Gives up the folder (to restart a host in it after this one is gone).
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// The admin API: POST a message; returns status and body.
+    pub fn enqueue(&self, queue: &str, body: &str) -> Reply {
+        request(
+            &self.admin,
+            "POST",
+            &format!("/queues/{queue}/messages"),
+            None,
+            Some(body.as_bytes()),
+        )
     }
 }

@@ -448,10 +448,14 @@ impl Process {
                         timezone,
                     }),
                     Err(e) => {
+                        // The cron crate's message repeats the expression and a
+                        // caret on lines of its own; keep only its last line.
+                        let text = e.to_string();
+                        let why = text.lines().last().unwrap_or_default().trim();
                         problems.at(
                             expression.span(),
                             format!(
-                                "invalid schedule `{}`: {e}; expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)",
+                                "invalid schedule `{}` ({why}): expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)",
                                 expression.get_ref()
                             ),
                         );

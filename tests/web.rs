@@ -335,3 +335,28 @@ fn check_validates_and_compiles_without_serving() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_examples_build_and_check() {
+    for example in [
+        "examples/hello/formation.toml",
+        "examples/shop/formation.toml",
+    ] {
+        let out = wasmproc()
+            .args(["check", "--build", "--cache-dir"])
+            .arg(common::shared_cache())
+            .arg(common::root().join(example))
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{example}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(": ok: "), "{example}: {stdout}");
+    }
+}

@@ -39,7 +39,7 @@
 //!
 //! [`EPOCH_TICK`]: crate::engine::EPOCH_TICK
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -131,17 +131,95 @@ enum Exports {
     Clock(Clock),
 }
 
-/// An instance: its store and its exports, and how many units it served.
+/// An instance: its store and its exports, how many units it served, and
+/// which deployment it was created from.
 struct Warm {
     store: Store<InstanceState>,
     exports: Exports,
     served: u32,
+    generation: u64,
 }
 
 /// One of the pool's `scale` places to run a unit.
 struct Slot {
+    number: u32,
     name: Arc<str>,
     warm: Option<Warm>,
+}
+
+/// The component a pool currently instantiates.
+struct Deployment {
+    entry: Entry,
+    generation: u64,
+}
+
+/// How many slots a pool has, and how many it still has to give up.
+#[derive(Default)]
+struct Scale {
+    /// The target number of slots.
+    target: u32,
+    /// Busy slots to drop when their unit ends (a scale-down in progress).
+    retiring: u32,
+    /// The numbers of the slots that exist (idle or busy, not retiring).
+    numbers: std::collections::BTreeSet<u32>,
+}
+
+/// Counters of a pool, read by `ps` and `/metrics`.
+pub struct Stats {
+    /// Units that ran to completion.
+    pub succeeded: AtomicU64,
+    /// Units that failed, by reason: trap, timeout, fuel, memory, instantiate, no-response.
+    pub failed: [AtomicU64; 6],
+    /// Requests refused with 503 because the pool and its backlog were full.
+    pub rejected: AtomicU64,
+    /// Units running now.
+    pub busy: AtomicU64,
+    /// Requests admitted (running or waiting for a slot).
+    pub admitted: AtomicU64,
+    /// Instances created.
+    pub instantiated: AtomicU64,
+    /// Total time spent instantiating, in microseconds.
+    pub instantiate_micros: AtomicU64,
+    /// Unit durations, in seconds.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            succeeded: AtomicU64::default(),
+            failed: Default::default(),
+            rejected: AtomicU64::default(),
+            busy: AtomicU64::default(),
+            admitted: AtomicU64::default(),
+            instantiated: AtomicU64::default(),
+            instantiate_micros: AtomicU64::default(),
+            // 100µs to ~13s.
+            latency: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+            ),
+        }
+    }
+}
+
+impl Stats {
+    /// The reasons in the order of [`Stats::failed`].
+    pub const REASONS: [&'static str; 6] = [
+        "trap",
+        "timeout",
+        "fuel",
+        "memory",
+        "instantiate",
+        "no-response",
+    ];
+
+    fn record_failure(&self, failure: &Failure) {
+        let i = Self::REASONS
+            .iter()
+            .position(|r| *r == failure.reason())
+            .unwrap_or(0);
+        self.failed[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts failures in a row to detect a crash loop.
@@ -189,26 +267,41 @@ impl Supervisor {
 /// The instances of one process type.
 pub struct Pool {
     process: Arc<ProcessType>,
-    entry: Entry,
+    deployment: std::sync::RwLock<Arc<Deployment>>,
     queues: Option<Queues>,
     fuel_metered: bool,
-    admission: Arc<Semaphore>,
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<Slot>>,
+    scale: Mutex<Scale>,
     supervisor: Supervisor,
+    /// Counters for `ps` and `/metrics`.
+    pub stats: Stats,
 }
 
-/// A unit's hold on a slot. Dropping it gives the slot back.
+/// A unit's hold on a slot. Dropping it gives the slot back — or, during a
+/// scale-down, retires it.
 pub struct Lease {
     pool: Arc<Pool>,
     slot: Option<Slot>,
-    _slot_permit: OwnedSemaphorePermit,
-    _admission: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
+    admitted: bool,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
+        if self.admitted {
+            self.pool.stats.admitted.fetch_sub(1, Ordering::Relaxed);
+        }
+        let Some(slot) = self.slot.take() else { return };
+        let mut scale = self.pool.lock_scale();
+        if scale.retiring > 0 {
+            scale.retiring -= 1;
+            scale.numbers.remove(&slot.number);
+            if let Some(permit) = self.permit.take() {
+                permit.forget();
+            }
+            tracing::debug!(instance = %slot.name, "instance retired (scale-down)");
+        } else {
             self.pool.lock_idle().push(slot);
         }
     }
@@ -252,31 +345,125 @@ impl Pool {
         let pre = linker
             .instantiate_pre(component)
             .map_err(anyhow::Error::from)?;
-        let entry = match process.kind {
-            Kind::Web => Entry::Web(ProxyPre::new(pre).map_err(anyhow::Error::from)?),
-            Kind::Worker => Entry::Worker(WorkerPre::new(pre).map_err(anyhow::Error::from)?),
-            Kind::Clock => Entry::Clock(ClockPre::new(pre).map_err(anyhow::Error::from)?),
-        };
-        let scale = process.scale as usize;
-        // Slot 1 is popped first, so a lightly loaded pool keeps using the
-        // same few (warm) slots.
-        let idle = (1..=process.scale)
-            .rev()
-            .map(|k| Slot {
-                name: format!("{}.{k}", process.name).into(),
-                warm: None,
-            })
-            .collect();
-        Ok(Pool {
-            admission: Arc::new(Semaphore::new(scale + process.backlog as usize)),
-            slots: Arc::new(Semaphore::new(scale)),
-            idle: Mutex::new(idle),
+        let entry = Self::entry(process.kind, pre)?;
+        let pool = Pool {
+            slots: Arc::new(Semaphore::new(0)),
+            idle: Mutex::new(Vec::new()),
+            scale: Mutex::new(Scale::default()),
+            deployment: std::sync::RwLock::new(Arc::new(Deployment {
+                entry,
+                generation: 1,
+            })),
             process: Arc::new(process),
-            entry,
             queues,
             fuel_metered,
             supervisor: Supervisor::default(),
+            stats: Stats::default(),
+        };
+        pool.scale_to(pool.process.scale);
+        Ok(pool)
+    }
+
+    fn entry(
+        kind: Kind,
+        pre: wasmtime::component::InstancePre<InstanceState>,
+    ) -> anyhow::Result<Entry> {
+        Ok(match kind {
+            Kind::Web => Entry::Web(ProxyPre::new(pre).map_err(anyhow::Error::from)?),
+            Kind::Worker => Entry::Worker(WorkerPre::new(pre).map_err(anyhow::Error::from)?),
+            Kind::Clock => Entry::Clock(ClockPre::new(pre).map_err(anyhow::Error::from)?),
         })
+    }
+
+    fn lock_scale(&self) -> std::sync::MutexGuard<'_, Scale> {
+        self.scale
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The number of slots the pool is scaled to.
+    pub fn scale(&self) -> u32 {
+        self.lock_scale().target
+    }
+
+    /// Changes the number of slots at once. Scaling up adds idle slots;
+    /// scaling down drops idle slots now and busy ones when their unit ends,
+    /// so no work in flight is lost. Slot numbers are reused lowest first.
+    pub fn scale_to(&self, target: u32) {
+        let mut scale = self.lock_scale();
+        let old = scale.target;
+        scale.target = target;
+        if target > old {
+            let mut add = target - old;
+            // Cancel pending retirements first: those slots are still here.
+            let keep = add.min(scale.retiring);
+            scale.retiring -= keep;
+            add -= keep;
+            let mut idle = self.lock_idle();
+            let mut number = 0;
+            for _ in 0..add {
+                number = (number + 1..)
+                    .find(|n| !scale.numbers.contains(n))
+                    .unwrap_or(u32::MAX);
+                scale.numbers.insert(number);
+                idle.push(Slot {
+                    number,
+                    name: format!("{}.{number}", self.process.name).into(),
+                    warm: None,
+                });
+            }
+            // Lowest numbers on top: a lightly loaded pool keeps reusing the
+            // same few (warm) slots.
+            idle.sort_by(|a, b| b.number.cmp(&a.number));
+            drop(idle);
+            self.slots.add_permits(add as usize);
+        } else {
+            for _ in target..old {
+                match self.slots.try_acquire() {
+                    Ok(permit) => {
+                        // An idle slot exists for every available permit:
+                        // drop the highest-numbered one.
+                        permit.forget();
+                        let mut idle = self.lock_idle();
+                        if let Some(i) = (0..idle.len()).max_by_key(|&i| idle[i].number) {
+                            let slot = idle.remove(i);
+                            scale.numbers.remove(&slot.number);
+                        }
+                    }
+                    Err(_) => scale.retiring += 1,
+                }
+            }
+        }
+    }
+
+    /// Swaps in a new component: units that start from now on run in
+    /// instances of it; units in flight finish in their old instance, and
+    /// warm old instances are retired instead of reused.
+    pub fn deploy(
+        &self,
+        component: &Component,
+        linker: &wasmtime::component::Linker<InstanceState>,
+    ) -> anyhow::Result<u64> {
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(anyhow::Error::from)?;
+        let entry = Self::entry(self.process.kind, pre)?;
+        let mut current = self.deployment.write().unwrap_or_else(|p| p.into_inner());
+        let generation = current.generation + 1;
+        *current = Arc::new(Deployment { entry, generation });
+        Ok(generation)
+    }
+
+    fn current(&self) -> Arc<Deployment> {
+        self.deployment
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Units running now.
+    pub fn busy(&self) -> u64 {
+        self.stats.busy.load(Ordering::Relaxed)
     }
 
     /// The process type this pool runs.
@@ -291,50 +478,61 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lease_with(
-        self: &Arc<Self>,
-        slot_permit: OwnedSemaphorePermit,
-        admission: Option<OwnedSemaphorePermit>,
-    ) -> Option<Lease> {
+    fn lease_with(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Option<Lease> {
         let slot = self.lock_idle().pop()?;
         Some(Lease {
             pool: self.clone(),
             slot: Some(slot),
-            _slot_permit: slot_permit,
-            _admission: admission,
+            permit: Some(permit),
+            admitted: false,
         })
     }
 
     /// Takes a slot for a request: admission first (refused at once when
-    /// full), then a slot (waiting at most the type's timeout).
+    /// `scale + backlog` requests are already in), then a slot (waiting at
+    /// most the type's timeout).
     async fn lease(self: &Arc<Self>) -> Option<Lease> {
-        let admission = self.admission.clone().try_acquire_owned().ok()?;
+        let bound = u64::from(self.scale()) + u64::from(self.process.backlog);
+        let admitted = self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        if admitted >= bound {
+            self.stats.admitted.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
         let wait = self.process.limits.timeout;
-        let slot_permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
-            .await
-            .ok()?
-            .ok()?;
-        self.lease_with(slot_permit, Some(admission))
+        let permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await;
+        let Some(mut lease) = permit
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|p| self.lease_with(p))
+        else {
+            self.stats.admitted.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        };
+        lease.admitted = true;
+        Some(lease)
     }
 
     /// Waits for a free slot (workers: the queue itself is the backlog).
     pub async fn lease_wait(self: &Arc<Self>) -> Option<Lease> {
         let permit = self.slots.clone().acquire_owned().await.ok()?;
-        self.lease_with(permit, None)
+        self.lease_with(permit)
     }
 
     /// Takes a free slot if there is one.
     pub fn try_lease(self: &Arc<Self>) -> Option<Lease> {
         let permit = self.slots.clone().try_acquire_owned().ok()?;
-        self.lease_with(permit, None)
+        self.lease_with(permit)
     }
 
     /// Waits until no unit runs (for at most `grace`); true if all finished.
     pub async fn drain(&self, grace: Duration) -> bool {
-        let all = self.process.scale;
-        tokio::time::timeout(grace, self.slots.acquire_many(all))
-            .await
-            .is_ok()
+        tokio::time::timeout(grace, async {
+            while self.busy() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok()
     }
 
     async fn instantiate(&self, name: &Arc<str>) -> Result<Warm, Failure> {
@@ -342,8 +540,9 @@ impl Pool {
             tokio::time::sleep(backoff).await;
         }
         let started = Instant::now();
+        let deployment = self.current();
         let state = InstanceState::new(&self.process, name, self.queues.as_ref());
-        let mut store = Store::new(self.entry.engine(), state);
+        let mut store = Store::new(deployment.entry.engine(), state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|ctx| {
             Ok(if Instant::now() >= ctx.data().deadline {
@@ -353,7 +552,7 @@ impl Pool {
             })
         });
         self.arm(&mut store);
-        let exports = match &self.entry {
+        let exports = match &deployment.entry {
             Entry::Web(pre) => pre.instantiate_async(&mut store).await.map(Exports::Web),
             Entry::Worker(pre) => pre.instantiate_async(&mut store).await.map(Exports::Worker),
             Entry::Clock(pre) => pre.instantiate_async(&mut store).await.map(Exports::Clock),
@@ -362,11 +561,18 @@ impl Pool {
             Failure::Trap(msg) => Failure::Instantiate(msg),
             other => other,
         })?;
-        tracing::debug!(instance = %name, elapsed = ?started.elapsed(), "instance started");
+        let elapsed = started.elapsed();
+        self.stats.instantiated.fetch_add(1, Ordering::Relaxed);
+        self.stats.instantiate_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        tracing::debug!(instance = %name, ?elapsed, generation = deployment.generation, "instance started");
         Ok(Warm {
             store,
             exports,
             served: 0,
+            generation: deployment.generation,
         })
     }
 
@@ -387,9 +593,21 @@ impl Pool {
         let Some(slot) = lease.slot.as_mut() else {
             return Err(Failure::Instantiate("no slot".into()));
         };
-        let mut warm = match slot.warm.take() {
-            Some(warm) => warm,
-            None => self.instantiate(&slot.name).await?,
+        let generation = self.current().generation;
+        self.stats.busy.fetch_add(1, Ordering::Relaxed);
+        let warm = match slot.warm.take() {
+            Some(warm) if warm.generation == generation => Ok(warm),
+            // A deploy happened: the old instance retires.
+            _ => self.instantiate(&slot.name).await,
+        };
+        let mut warm = match warm {
+            Ok(warm) => warm,
+            Err(failure) => {
+                self.stats.busy.fetch_sub(1, Ordering::Relaxed);
+                self.stats.record_failure(&failure);
+                self.supervisor.failed(&self.process.name);
+                return Err(failure);
+            }
         };
         self.arm(&mut warm.store);
         Ok(warm)
@@ -397,8 +615,21 @@ impl Pool {
 
     /// Ends a unit: keeps the instance warm if it succeeded and `reuse`
     /// allows, drops it otherwise; tells the supervisor.
-    fn checkin(&self, lease: &mut Lease, mut warm: Warm, succeeded: bool) {
-        if succeeded {
+    fn checkin(
+        &self,
+        lease: &mut Lease,
+        mut warm: Warm,
+        outcome: Result<(), &Failure>,
+        started: Instant,
+    ) {
+        self.stats.busy.fetch_sub(1, Ordering::Relaxed);
+        self.stats.latency.observe(started.elapsed().as_secs_f64());
+        if let Err(failure) = outcome {
+            self.stats.record_failure(failure);
+        } else {
+            self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+        }
+        if outcome.is_ok() {
             self.supervisor.succeeded(&self.process.name);
             warm.served += 1;
             if warm.served < self.process.reuse
@@ -424,6 +655,7 @@ impl Pool {
         lease: &mut Lease,
         delivery: &Delivery,
     ) -> Result<Outcome, Failure> {
+        let started = Instant::now();
         let mut warm = self.checkout(lease).await?;
         let call = async {
             match &warm.exports {
@@ -441,7 +673,7 @@ impl Pool {
             Ok(Err(e)) => Err(classify(&e, warm.store.data())),
             Err(_) => Err(Failure::Timeout),
         };
-        self.checkin(lease, warm, result.is_ok());
+        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
         result
     }
 
@@ -451,6 +683,7 @@ impl Pool {
         lease: &mut Lease,
         tick: &Tick,
     ) -> Result<Result<(), String>, Failure> {
+        let started = Instant::now();
         let mut warm = self.checkout(lease).await?;
         let call = async {
             match &warm.exports {
@@ -468,7 +701,7 @@ impl Pool {
             Ok(Err(e)) => Err(classify(&e, warm.store.data())),
             Err(_) => Err(Failure::Timeout),
         };
-        self.checkin(lease, warm, result.is_ok());
+        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
         result
     }
 
@@ -490,6 +723,7 @@ impl Pool {
             );
         }
         let Some(mut lease) = self.lease().await else {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(process = %self.process.name, "pool full: 503");
             let mut response = text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -547,6 +781,7 @@ impl Pool {
             Result<HttpResponse, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
         >,
     ) -> Result<(), Failure> {
+        let started = Instant::now();
         let mut warm = self.checkout(lease).await?;
         let limit = usize::try_from(self.process.limits.body).unwrap_or(usize::MAX);
         let request = request.map(move |body| {
@@ -580,7 +815,7 @@ impl Pool {
                 }
             }
         };
-        self.checkin(lease, warm, result.is_ok());
+        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
         result
     }
 }

@@ -414,7 +414,7 @@ impl Pool {
             }
             // Lowest numbers on top: a lightly loaded pool keeps reusing the
             // same few (warm) slots.
-            idle.sort_by(|a, b| b.number.cmp(&a.number));
+            idle.sort_by_key(|slot| std::cmp::Reverse(slot.number));
             drop(idle);
             self.slots.add_permits(add as usize);
         } else {

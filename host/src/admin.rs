@@ -4,13 +4,20 @@
 //! | method and path                              | does                                   |
 //! |----------------------------------------------|----------------------------------------|
 //! | `GET /healthz`                               | `200 ok` while the host runs           |
+//! | `GET /readyz`                                | `200` when every type has its minimum running, else `503` |
+//! | `GET /metrics`                               | Prometheus text format                 |
+//! | `GET /ps`                                    | the process types, as JSON             |
+//! | `POST /scale` (body `web=3 mailer+1 web-1`)  | changes scales at once                 |
+//! | `POST /deploy/NAME` (body: the component)    | compiles, checks and swaps in a new component |
 //! | `POST /queues/Q/messages[?delay=5s]`         | enqueues the body (its `content-type` kept); `202 {"id": …}` |
 //! | `GET /queues/Q/dead-letters`                 | the dead letters of Q, as JSON         |
 //! | `POST /queues/Q/dead-letters/replay[?ids=a,b]` | moves dead letters back to Q; `{"replayed": n}` |
 //!
-//! Errors are JSON `{"error": "…"}`: 404 for an unknown queue or path, 413
-//! for a message over `[queue] max_message`, 400 for a bad parameter, 503
-//! when the backend fails.
+//! Errors are JSON `{"error": "…"}`: 404 for an unknown queue, type or
+//! path, 413 for a message over `[queue] max_message`, 400 for a bad
+//! parameter, 409 for a scale beyond capacity, 422 for a refused artifact,
+//! 503 when the backend fails, 401 without the bearer token when one is set
+//! (`/healthz` and `/readyz` never need it, for probes).
 //!
 //! The bound address is logged (`admin API on http://…`) and
 //! written to `.wasmproc/admin.addr` beside the formation, where the CLI
@@ -28,9 +35,36 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::host::{ChangeError, Host};
 use crate::queue::{NewMessage, QueueError, Queues};
 
 type AdminResponse = Response<Full<Bytes>>;
+
+/// Largest component a deploy accepts.
+const MAX_ARTIFACT: usize = 256 << 20;
+
+fn change_error(e: &ChangeError) -> AdminResponse {
+    let status = match e {
+        ChangeError::UnknownType(_) => StatusCode::NOT_FOUND,
+        ChangeError::Syntax(_) => StatusCode::BAD_REQUEST,
+        ChangeError::Capacity { .. } | ChangeError::Zero(_) => StatusCode::CONFLICT,
+        ChangeError::Artifact(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    error(status, e)
+}
+
+async fn body(
+    request: http::Request<hyper::body::Incoming>,
+    limit: usize,
+) -> Result<Bytes, AdminResponse> {
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the body: {e}"),
+        )),
+    }
+}
 
 fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
@@ -62,13 +96,71 @@ fn query<'a>(uri: &'a http::Uri, name: &str) -> Option<&'a str> {
 }
 
 async fn handle(
-    queues: Option<&Queues>,
+    host: &Host,
+    token: Option<&str>,
     request: http::Request<hyper::body::Incoming>,
 ) -> AdminResponse {
     let path: Vec<&str> = request.uri().path().trim_matches('/').split('/').collect();
     let method = request.method().clone();
+    let queues = host.queues();
+    let authorized = token.is_none_or(|token| {
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| given.trim() == token)
+    });
     match (method, path.as_slice()) {
         (Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (Method::GET, ["readyz"]) => {
+            if host.ready() {
+                Response::new(Full::new(Bytes::from_static(b"ready\n")))
+            } else {
+                error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            }
+        }
+        _ if !authorized => error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        (Method::GET, ["metrics"]) => {
+            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::encode(
+                host.registry(),
+            ))));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (Method::GET, ["ps"]) => json(StatusCode::OK, &serde_json::json!(host.ps().await)),
+        (Method::POST, ["scale"]) => {
+            let text = match body(request, 64 << 10).await {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(response) => return response,
+            };
+            let changes: Vec<String> = text.split_whitespace().map(String::from).collect();
+            match host.scale_all(&changes) {
+                Ok(scales) => json(StatusCode::OK, &serde_json::json!(scales)),
+                Err(e) => change_error(&e),
+            }
+        }
+        (Method::POST, ["deploy", name]) => {
+            let name = (*name).to_string();
+            let bytes = match body(request, MAX_ARTIFACT).await {
+                Ok(b) => b,
+                Err(response) => return response,
+            };
+            // Compiling takes a while: keep it off the async workers.
+            match tokio::task::block_in_place(|| host.deploy(&name, &bytes)) {
+                Ok(generation) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "process": name, "generation": generation }),
+                ),
+                Err(e) => {
+                    tracing::warn!(process = %name, "deploy refused: {e}");
+                    change_error(&e)
+                }
+            }
+        }
         (method, ["queues", queue, rest @ ..]) => {
             let Some(queues) = queues else {
                 return error(
@@ -166,13 +258,15 @@ async fn enqueue(
     }
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves.
+/// Serves the admin API on `listener` until `shutdown` resolves. With a
+/// `token`, every request but the probes must carry it as a bearer token.
 pub async fn serve(
     listener: TcpListener,
-    queues: Option<Queues>,
+    host: Arc<Host>,
+    token: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let queues = Arc::new(queues);
+    let token: Arc<Option<String>> = Arc::new(token);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -185,10 +279,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let queues = queues.clone();
+        let host = host.clone();
+        let token = token.clone();
         let service = service_fn(move |request| {
-            let queues = queues.clone();
-            async move { Ok::<_, Infallible>(handle(queues.as_ref().as_ref(), request).await) }
+            let host = host.clone();
+            let token = token.clone();
+            async move { Ok::<_, Infallible>(handle(&host, token.as_deref(), request).await) }
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()

@@ -55,6 +55,14 @@ pub async fn call(
     if let Some(ct) = content_type {
         request = request.header(http::header::CONTENT_TYPE, ct);
     }
+    if let Ok(token) = std::env::var(crate::formation::DEFAULT_TOKEN_ENV)
+        && !token.trim().is_empty()
+    {
+        request = request.header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        );
+    }
     let response = sender
         .send_request(request.body(Full::new(Bytes::from(body)))?)
         .await?;

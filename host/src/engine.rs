@@ -6,11 +6,13 @@
 //!
 //! Invariants:
 //! - the pooling allocator is sized from the formation before anything is
-//!   compiled: Σ `scale` component instances, and for each process type
-//!   `scale ×` the memories, tables and core instances its component defines
-//!   (counted from the binary by [`Footprint::of`]). If the pool cannot be
-//!   reserved, [`build_engine`] fails with the arithmetic and what to lower;
-//!   there is no silent fallback to on-demand allocation;
+//!   compiled: `[pool] capacity` component instances (room for every type at
+//!   its largest scale, twice over for deploys and scale-ups), each with
+//!   room for the largest footprint among the components — the memories,
+//!   tables and core instances it defines (counted from the binary by
+//!   [`Footprint::of`]). If the pool cannot be reserved, [`build_engine`]
+//!   fails with the arithmetic and what to lower; there is no silent
+//!   fallback to on-demand allocation;
 //! - epoch interruption is always on, driven by one [`EpochTicker`] thread;
 //!   a store's deadline is counted in ticks of [`EPOCH_TICK`];
 //! - fuel is consumed only when some process type sets `limits.fuel`;
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -110,8 +113,6 @@ impl Footprint {
 /// A process type's demand on the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct Demand {
-    /// Instances that may exist at once.
-    pub instances: u32,
     /// What each instance takes.
     pub footprint: Footprint,
     /// The type's `limits.memory`.
@@ -124,7 +125,6 @@ impl Demand {
     /// The demand of `process` whose component has `footprint`.
     pub fn new(process: &ProcessType, footprint: Footprint) -> Demand {
         Demand {
-            instances: process.scale,
             footprint,
             memory: process.limits.memory,
             fuel: process.limits.fuel.is_some(),
@@ -132,15 +132,16 @@ impl Demand {
     }
 }
 
-/// Creates the host's engine with a pooling allocator sized for `demands`.
-pub fn build_engine(demands: &[Demand]) -> anyhow::Result<Engine> {
-    let sum = |f: &dyn Fn(&Demand) -> u64| -> u64 { demands.iter().map(f).sum::<u64>().max(1) };
-    let instances = sum(&|d| u64::from(d.instances));
-    let memories = sum(&|d| u64::from(d.instances) * u64::from(d.footprint.memories));
-    let tables = sum(&|d| u64::from(d.instances) * u64::from(d.footprint.tables));
-    let core_instances = sum(&|d| u64::from(d.instances) * u64::from(d.footprint.core_instances));
-    let max_memory = demands.iter().map(|d| d.memory).max().unwrap_or(64 << 10);
-    let per = |f: &dyn Fn(&Footprint) -> u32| {
+/// Core instances and tables cost the pool little (no linear memory), so
+/// each slot holds this many more than today's largest component needs,
+/// leaving room for a deploy of a bigger one.
+const SLOT_HEADROOM: u32 = 2;
+
+/// What one pool slot can hold: the largest footprint of `demands`, with
+/// headroom for tables and core instances (not memories, which reserve
+/// address space). A component deployed later must fit in it.
+pub fn slot_footprint(demands: &[Demand]) -> Footprint {
+    let most = |f: &dyn Fn(&Footprint) -> u32| {
         demands
             .iter()
             .map(|d| f(&d.footprint))
@@ -148,6 +149,22 @@ pub fn build_engine(demands: &[Demand]) -> anyhow::Result<Engine> {
             .unwrap_or(1)
             .max(1)
     };
+    Footprint {
+        memories: most(&|f| f.memories),
+        tables: (most(&|f| f.tables) * SLOT_HEADROOM).max(8),
+        core_instances: (most(&|f| f.core_instances) * SLOT_HEADROOM).max(32),
+    }
+}
+
+/// Creates the host's engine with a pooling allocator of `capacity`
+/// instances sized for `demands`.
+pub fn build_engine(demands: &[Demand], capacity: u32) -> anyhow::Result<Engine> {
+    let slot = slot_footprint(demands);
+    let instances = u64::from(capacity.max(1));
+    let memories = instances * u64::from(slot.memories);
+    let tables = instances * u64::from(slot.tables);
+    let core_instances = instances * u64::from(slot.core_instances);
+    let max_memory = demands.iter().map(|d| d.memory).max().unwrap_or(64 << 10);
 
     // One 4 GiB reservation per memory lets Cranelift drop bounds checks;
     // past the budget, reserve only what the largest limit needs.
@@ -169,9 +186,9 @@ pub fn build_engine(demands: &[Demand]) -> anyhow::Result<Engine> {
         .total_tables(to_u32(tables, "tables")?)
         .total_core_instances(to_u32(core_instances, "core instances")?)
         .total_stacks(to_u32(instances, "stacks")?)
-        .max_memories_per_component(per(&|f| f.memories))
-        .max_tables_per_component(per(&|f| f.tables))
-        .max_core_instances_per_component(per(&|f| f.core_instances))
+        .max_memories_per_component(slot.memories)
+        .max_tables_per_component(slot.tables)
+        .max_core_instances_per_component(slot.core_instances)
         .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(KEEP_RESIDENT)
@@ -191,7 +208,7 @@ pub fn build_engine(demands: &[Demand]) -> anyhow::Result<Engine> {
     Engine::new(&config).map_err(anyhow::Error::from).with_context(|| {
         let slot = reservation + guard;
         format!(
-            "cannot reserve the instance pool: {memories} linear memories × {} MiB ({} MiB reservation + {} MiB guard) = {} GiB of address space, for {instances} instances; lower `scale` or `limits.memory` in the formation",
+            "cannot reserve the instance pool: {memories} linear memories × {} MiB ({} MiB reservation + {} MiB guard) = {} GiB of address space, for {instances} instances; lower `[pool] capacity`, `scale` or `limits.memory` in the formation",
             slot >> 20,
             reservation >> 20,
             guard >> 20,
@@ -244,12 +261,20 @@ pub enum CacheOutcome {
 #[derive(Debug, Clone)]
 pub struct CompileCache {
     dir: PathBuf,
+    /// Components loaded from the cache.
+    pub hits: Counter,
+    /// Components compiled (and stored).
+    pub misses: Counter,
 }
 
 impl CompileCache {
     /// A cache in `dir` (created on first store).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            hits: Counter::default(),
+            misses: Counter::default(),
+        }
     }
 
     /// The cache folder.
@@ -273,7 +298,10 @@ impl CompileCache {
         let path = self.dir.join(format!("{}.cwasm", Self::key(engine, bytes)));
         if path.exists() {
             match deserialize(engine, &path) {
-                Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                Ok(component) => {
+                    self.hits.inc();
+                    return Ok((component, CacheOutcome::Hit));
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), "ignoring unreadable compile cache entry: {e:#}")
                 }
@@ -281,6 +309,7 @@ impl CompileCache {
         }
         let started = Instant::now();
         let component = Component::new(engine, bytes).map_err(anyhow::Error::from)?;
+        self.misses.inc();
         tracing::debug!(elapsed = ?started.elapsed(), "compiled component");
         if let Err(e) = self.store(&path, &component) {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compile cache: {e:#}");

@@ -19,13 +19,16 @@
 //! - [`telemetry`]: logs on stdout.
 
 pub mod admin;
+pub mod autoscale;
 pub mod bindings;
 pub mod client;
 pub mod clock;
 pub mod engine;
 pub mod formation;
+pub mod host;
 pub mod http;
 pub mod instance;
+pub mod metrics;
 pub mod pool;
 pub mod queue;
 pub mod router;

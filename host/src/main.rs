@@ -38,6 +38,31 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Show the process types of a running host.
+    Ps {
+        #[command(flatten)]
+        host: HostArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the scale of process types: `web=16`, `web+2`, `mailer-1`.
+    Scale {
+        #[command(flatten)]
+        host: HostArgs,
+        /// Changes, applied together or not at all.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Swap in a new component for a process type, without dropping work.
+    Deploy {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The process type.
+        process: String,
+        /// The new component file.
+        component: PathBuf,
+    },
 }
 
 /// How the CLI finds a running host.
@@ -138,6 +163,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Check(args) => (args, false),
         Command::Enqueue(args) => return runtime()?.block_on(enqueue(args)),
         Command::Dlq { action } => return runtime()?.block_on(dlq(action)),
+        Command::Ps { host, json } => return runtime()?.block_on(ps(host, json)),
+        Command::Scale { host, changes } => return runtime()?.block_on(scale(host, changes)),
+        Command::Deploy {
+            host,
+            process,
+            component,
+        } => return runtime()?.block_on(deploy(host, process, component)),
     };
     let formation = Formation::load(&args.formation, |name| std::env::var(name).ok())?;
     if args.build {
@@ -222,5 +254,71 @@ async fn dlq(action: DlqAction) -> anyhow::Result<()> {
             println!("replayed {n} message{}", if n == 1 { "" } else { "s" });
         }
     }
+    Ok(())
+}
+
+async fn ps(host: HostArgs, as_json: bool) -> anyhow::Result<()> {
+    let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
+    let (status, text) = client::call(&addr, http::Method::GET, "/ps", Vec::new(), None).await?;
+    client::check(status, &text)?;
+    if as_json {
+        println!("{text}");
+        return Ok(());
+    }
+    let rows: Vec<wasmproc::host::ProcessStatus> = serde_json::from_str(&text)?;
+    println!(
+        "{:<16} {:<7} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>4}",
+        "TYPE", "KIND", "SCALE", "BUSY", "IDLE", "UNITS/S", "RESTARTS", "QUEUE", "GEN"
+    );
+    for r in rows {
+        let scale = match (r.min, r.max) {
+            (Some(min), Some(max)) => format!("{} ({min}..{max})", r.scale),
+            _ => r.scale.to_string(),
+        };
+        let queue = r
+            .queue_depth
+            .map_or_else(|| "-".to_string(), |d| d.to_string());
+        println!(
+            "{:<16} {:<7} {:>9} {:>6} {:>6} {:>9.1} {:>9} {:>8} {:>4}",
+            r.name, r.kind, scale, r.busy, r.idle, r.rate, r.restarts, queue, r.generation
+        );
+    }
+    Ok(())
+}
+
+async fn scale(host: HostArgs, changes: Vec<String>) -> anyhow::Result<()> {
+    let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
+    let body = changes.join(" ").into_bytes();
+    let (status, text) = client::call(&addr, http::Method::POST, "/scale", body, None).await?;
+    client::check(status, &text)?;
+    let scales: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text)?;
+    for (name, n) in scales {
+        println!("{name}={n}");
+    }
+    Ok(())
+}
+
+async fn deploy(host: HostArgs, process: String, component: PathBuf) -> anyhow::Result<()> {
+    let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
+    let bytes = std::fs::read(&component)
+        .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", component.display()))?;
+    let path = format!("/deploy/{process}");
+    let (status, text) = client::call(
+        &addr,
+        http::Method::POST,
+        &path,
+        bytes,
+        Some("application/wasm"),
+    )
+    .await?;
+    client::check(status, &text)?;
+    let generation = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("generation")?.as_u64())
+        .unwrap_or(0);
+    println!(
+        "deployed `{}` to `{process}` (generation {generation})",
+        component.display()
+    );
     Ok(())
 }

@@ -39,7 +39,12 @@
 //!
 //! [`EPOCH_TICK`]: crate::engine::EPOCH_TICK
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -93,6 +98,16 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Every reason, as [`Failure::reason`] spells it.
+    pub const REASONS: [&'static str; 6] = [
+        "trap",
+        "timeout",
+        "fuel",
+        "memory",
+        "instantiate",
+        "no-response",
+    ];
+
     /// A one-word reason, for logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -164,61 +179,77 @@ struct Scale {
     numbers: std::collections::BTreeSet<u32>,
 }
 
-/// Counters of a pool, read by `ps` and `/metrics`.
+/// The metrics of a pool, read by `ps`, the autoscaler and `/metrics`
+/// (where [`crate::metrics`] registers them with a `process` label).
+#[derive(Clone)]
 pub struct Stats {
     /// Units that ran to completion.
-    pub succeeded: AtomicU64,
-    /// Units that failed, by reason: trap, timeout, fuel, memory, instantiate, no-response.
-    pub failed: [AtomicU64; 6],
+    pub succeeded: Counter,
+    /// Units that failed, by `reason`: trap, timeout, fuel, memory, instantiate, no-response.
+    pub failed: Family<Vec<(String, String)>, Counter>,
     /// Requests refused with 503 because the pool and its backlog were full.
-    pub rejected: AtomicU64,
+    pub rejected: Counter,
     /// Units running now.
-    pub busy: AtomicU64,
+    pub busy: Gauge,
     /// Requests admitted (running or waiting for a slot).
-    pub admitted: AtomicU64,
+    pub admitted: Gauge,
+    /// The number of slots.
+    pub scale: Gauge,
     /// Instances created.
-    pub instantiated: AtomicU64,
-    /// Total time spent instantiating, in microseconds.
-    pub instantiate_micros: AtomicU64,
+    pub instantiated: Counter,
+    /// Time to create an instance, in seconds.
+    pub instantiate_seconds: Histogram,
     /// Unit durations, in seconds.
-    pub latency: prometheus_client::metrics::histogram::Histogram,
+    pub latency: Histogram,
+    /// Messages waiting or in flight in a worker's queue (set by the autoscaler's sampler).
+    pub queue_depth: Gauge,
+    /// Seconds the oldest ready message of a worker's queue has waited.
+    pub queue_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Messages moved to the dead-letter queue.
+    pub dead_lettered: Counter,
+    /// Idle instances (set by the sampler).
+    pub idle: Gauge,
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Stats {
-            succeeded: AtomicU64::default(),
-            failed: Default::default(),
-            rejected: AtomicU64::default(),
-            busy: AtomicU64::default(),
-            admitted: AtomicU64::default(),
-            instantiated: AtomicU64::default(),
-            instantiate_micros: AtomicU64::default(),
+            succeeded: Counter::default(),
+            failed: Family::default(),
+            rejected: Counter::default(),
+            busy: Gauge::default(),
+            admitted: Gauge::default(),
+            scale: Gauge::default(),
+            instantiated: Counter::default(),
+            // 1µs to ~0.5s.
+            instantiate_seconds: Histogram::new(exponential_buckets(0.000_001, 2.0, 20)),
             // 100µs to ~13s.
-            latency: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
-            ),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            queue_depth: Gauge::default(),
+            queue_age_seconds: Gauge::default(),
+            dead_lettered: Counter::default(),
+            idle: Gauge::default(),
         }
     }
 }
 
 impl Stats {
-    /// The reasons in the order of [`Stats::failed`].
-    pub const REASONS: [&'static str; 6] = [
-        "trap",
-        "timeout",
-        "fuel",
-        "memory",
-        "instantiate",
-        "no-response",
-    ];
-
     fn record_failure(&self, failure: &Failure) {
-        let i = Self::REASONS
+        self.failed
+            .get_or_create(&vec![("reason".to_string(), failure.reason().to_string())])
+            .inc();
+    }
+
+    /// Failed units, all reasons.
+    pub fn failures(&self) -> u64 {
+        Failure::REASONS
             .iter()
-            .position(|r| *r == failure.reason())
-            .unwrap_or(0);
-        self.failed[i].fetch_add(1, Ordering::Relaxed);
+            .map(|r| {
+                self.failed
+                    .get_or_create(&vec![("reason".to_string(), (*r).to_string())])
+                    .get()
+            })
+            .sum()
     }
 }
 
@@ -290,7 +321,7 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.admitted {
-            self.pool.stats.admitted.fetch_sub(1, Ordering::Relaxed);
+            self.pool.stats.admitted.dec();
         }
         let Some(slot) = self.slot.take() else { return };
         let mut scale = self.pool.lock_scale();
@@ -393,6 +424,7 @@ impl Pool {
         let mut scale = self.lock_scale();
         let old = scale.target;
         scale.target = target;
+        self.stats.scale.set(i64::from(target));
         if target > old {
             let mut add = target - old;
             // Cancel pending retirements first: those slots are still here.
@@ -454,6 +486,11 @@ impl Pool {
         Ok(generation)
     }
 
+    /// The deployed component's generation: 1 at start, +1 per deploy.
+    pub fn generation(&self) -> u64 {
+        self.current().generation
+    }
+
     fn current(&self) -> Arc<Deployment> {
         self.deployment
             .read()
@@ -463,7 +500,7 @@ impl Pool {
 
     /// Units running now.
     pub fn busy(&self) -> u64 {
-        self.stats.busy.load(Ordering::Relaxed)
+        u64::try_from(self.stats.busy.get()).unwrap_or(0)
     }
 
     /// The process type this pool runs.
@@ -492,10 +529,9 @@ impl Pool {
     /// `scale + backlog` requests are already in), then a slot (waiting at
     /// most the type's timeout).
     async fn lease(self: &Arc<Self>) -> Option<Lease> {
-        let bound = u64::from(self.scale()) + u64::from(self.process.backlog);
-        let admitted = self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-        if admitted >= bound {
-            self.stats.admitted.fetch_sub(1, Ordering::Relaxed);
+        let bound = i64::from(self.scale()) + i64::from(self.process.backlog);
+        if self.stats.admitted.inc() >= bound {
+            self.stats.admitted.dec();
             return None;
         }
         let wait = self.process.limits.timeout;
@@ -505,7 +541,7 @@ impl Pool {
             .and_then(Result::ok)
             .and_then(|p| self.lease_with(p))
         else {
-            self.stats.admitted.fetch_sub(1, Ordering::Relaxed);
+            self.stats.admitted.dec();
             return None;
         };
         lease.admitted = true;
@@ -562,11 +598,10 @@ impl Pool {
             other => other,
         })?;
         let elapsed = started.elapsed();
-        self.stats.instantiated.fetch_add(1, Ordering::Relaxed);
-        self.stats.instantiate_micros.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.stats.instantiated.inc();
+        self.stats
+            .instantiate_seconds
+            .observe(elapsed.as_secs_f64());
         tracing::debug!(instance = %name, ?elapsed, generation = deployment.generation, "instance started");
         Ok(Warm {
             store,
@@ -594,7 +629,7 @@ impl Pool {
             return Err(Failure::Instantiate("no slot".into()));
         };
         let generation = self.current().generation;
-        self.stats.busy.fetch_add(1, Ordering::Relaxed);
+        self.stats.busy.inc();
         let warm = match slot.warm.take() {
             Some(warm) if warm.generation == generation => Ok(warm),
             // A deploy happened: the old instance retires.
@@ -603,7 +638,7 @@ impl Pool {
         let mut warm = match warm {
             Ok(warm) => warm,
             Err(failure) => {
-                self.stats.busy.fetch_sub(1, Ordering::Relaxed);
+                self.stats.busy.dec();
                 self.stats.record_failure(&failure);
                 self.supervisor.failed(&self.process.name);
                 return Err(failure);
@@ -622,12 +657,12 @@ impl Pool {
         outcome: Result<(), &Failure>,
         started: Instant,
     ) {
-        self.stats.busy.fetch_sub(1, Ordering::Relaxed);
+        self.stats.busy.dec();
         self.stats.latency.observe(started.elapsed().as_secs_f64());
         if let Err(failure) = outcome {
             self.stats.record_failure(failure);
         } else {
-            self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            self.stats.succeeded.inc();
         }
         if outcome.is_ok() {
             self.supervisor.succeeded(&self.process.name);
@@ -723,7 +758,7 @@ impl Pool {
             );
         }
         let Some(mut lease) = self.lease().await else {
-            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.stats.rejected.inc();
             tracing::debug!(process = %self.process.name, "pool full: 503");
             let mut response = text(
                 StatusCode::SERVICE_UNAVAILABLE,

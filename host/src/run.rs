@@ -20,11 +20,12 @@ use tokio::sync::watch;
 
 use crate::engine::{self, CacheOutcome, CompileCache, Demand, EpochTicker, Footprint};
 use crate::formation::{Formation, FormationError, Kind, ProcessType};
+use crate::host::Host;
 use crate::http::PoolRouter;
 use crate::pool::{Pool, required_export};
 use crate::queue::Queues;
 use crate::router::Router;
-use crate::{admin, clock, instance, worker};
+use crate::{admin, autoscale, clock, instance, worker};
 
 /// A refusal to start that is the formation's fault (exit code 2), such as
 /// a pool that cannot be reserved or a build command that fails.
@@ -72,8 +73,15 @@ pub fn build(formation: &Formation) -> anyhow::Result<()> {
 pub struct Prepared {
     /// The engine all pools share.
     pub engine: Engine,
+    /// The linker every pool uses (and deploys use).
+    pub linker: wasmtime::component::Linker<crate::instance::InstanceState>,
+    /// What one pool slot holds.
+    pub slot: Footprint,
     /// One pool per process type, in formation order.
     pub pools: Vec<Arc<Pool>>,
+    /// The SHA-256 of each type's component, by name (a reload redeploys
+    /// only what changed).
+    pub digests: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 /// Reads, inspects, compiles and links every component of `formation`.
@@ -104,8 +112,14 @@ pub fn prepare(
     }
 
     let demands: Vec<Demand> = loaded.iter().map(|(p, _, f)| Demand::new(p, *f)).collect();
-    let engine = engine::build_engine(&demands).map_err(|e| Refused(format!("{e:#}")))?;
+    let engine = engine::build_engine(&demands, formation.capacity)
+        .map_err(|e| Refused(format!("{e:#}")))?;
     let linker = instance::linker(&engine)?;
+    let slot = engine::slot_footprint(&demands);
+    let digests = loaded
+        .iter()
+        .map(|(p, bytes, _)| (p.name.clone(), digest(bytes)))
+        .collect();
     let fuel_metered = demands.iter().any(|d| d.fuel);
 
     let mut pools = Vec::new();
@@ -149,7 +163,18 @@ pub fn prepare(
     if !errors.is_empty() {
         return Err(formation.errors(errors).into());
     }
-    Ok(Prepared { engine, pools })
+    Ok(Prepared {
+        engine,
+        linker,
+        slot,
+        pools,
+        digests,
+    })
+}
+
+fn digest(bytes: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).to_vec()
 }
 
 /// Words a linking failure the way a user can act on.
@@ -206,12 +231,23 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let host = Arc::new(Host::new(
+        &prepared.pools,
+        prepared.engine.clone(),
+        prepared.linker.clone(),
+        cache.clone(),
+        formation.capacity,
+        prepared.slot,
+        queues.clone(),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin::serve(
         admin_listener,
-        queues.clone(),
+        host.clone(),
+        formation.admin.token.clone(),
         until_stopped(stopped.clone()),
     ));
+    tasks.spawn(autoscale::run(host.clone(), stopped.clone()));
     let addr_file = formation.dir.join(".wasmproc").join("admin.addr");
     if let Err(e) = std::fs::create_dir_all(formation.dir.join(".wasmproc"))
         .and_then(|()| std::fs::write(&addr_file, admin_addr.to_string()))
@@ -274,8 +310,13 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         ));
     }
 
+    host.set_ready(true);
     tracing::info!("ready: {} process types running", prepared.pools.len());
-    shutdown_signal().await;
+    let mut digests = prepared.digests.clone();
+    while let Signal::Reload = next_signal().await {
+        reload(&formation.path, &host, &mut digests);
+    }
+    host.set_ready(false);
     let _ = stop.send(true);
     // The HTTP front drains its connections within the grace period; the
     // worker and clock loops stop taking work. Then every pool drains.
@@ -296,22 +337,93 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
         .map_err(|e| Refused(format!("cannot listen on {addr} for {what}: {e}")).into())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// What a signal asks of the host.
+enum Signal {
+    /// SIGHUP: reload the formation file.
+    Reload,
+    /// SIGTERM or SIGINT: shut down.
+    Stop,
+}
+
+/// Waits for SIGHUP, SIGTERM or SIGINT.
+async fn next_signal() -> Signal {
     use tokio::signal::unix::{SignalKind, signal};
-    let term = async {
-        match signal(SignalKind::terminate()) {
+    let wait = |kind: SignalKind, name: &'static str| async move {
+        match signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(e) => {
-                tracing::warn!("cannot watch SIGTERM: {e}");
+                tracing::warn!("cannot watch {name}: {e}");
                 std::future::pending::<()>().await;
             }
         }
     };
     tokio::select! {
-        () = term => tracing::info!("SIGTERM received: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received: shutting down"),
+        () = wait(SignalKind::hangup(), "SIGHUP") => {
+            tracing::info!("SIGHUP received: reloading the formation");
+            Signal::Reload
+        }
+        () = wait(SignalKind::terminate(), "SIGTERM") => {
+            tracing::info!("SIGTERM received: shutting down");
+            Signal::Stop
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT received: shutting down");
+            Signal::Stop
+        }
+    }
+}
+
+/// SIGHUP: reads the formation again; deploys every component whose bytes
+/// changed and applies every changed fixed `scale`. Anything that needs a
+/// restart (types added or removed, other settings) is logged and left.
+fn reload(
+    path: &std::path::Path,
+    host: &Host,
+    digests: &mut std::collections::BTreeMap<String, Vec<u8>>,
+) {
+    let formation = match Formation::load(path, |name| std::env::var(name).ok()) {
+        Ok(f) => f,
+        Err(errors) => {
+            tracing::error!("reload refused; the running formation stays:\n{errors}");
+            return;
+        }
+    };
+    for process in &formation.processes {
+        let Some(pool) = host.pools().get(&process.name) else {
+            tracing::warn!(process = %process.name, "reload: new process type `{}` needs a restart", process.name);
+            continue;
+        };
+        match engine::read_component(&process.component) {
+            Ok(bytes) => {
+                let new = digest(&bytes);
+                if digests.get(&process.name) != Some(&new) {
+                    match host.deploy(&process.name, &bytes) {
+                        Ok(_) => {
+                            digests.insert(process.name.clone(), new);
+                        }
+                        Err(e) => {
+                            tracing::error!(process = %process.name, "reload: deploy refused: {e}")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(process = %process.name, "reload: {e:#}"),
+        }
+        if process.autoscale.is_none() && pool.scale() != process.scale {
+            let old = pool.scale();
+            match host.scale(&process.name, process.scale) {
+                Ok(_) => {
+                    tracing::info!(process = %process.name, old, new = process.scale, "reload: scaled `{}` from {old} to {}", process.name, process.scale)
+                }
+                Err(e) => tracing::error!(process = %process.name, "reload: {e}"),
+            }
+        }
+    }
+    for name in host.pools().keys() {
+        if !formation.processes.iter().any(|p| &p.name == name) {
+            tracing::warn!(process = %name, "reload: removing process type `{name}` needs a restart");
+        }
     }
 }

@@ -163,6 +163,9 @@ async fn run(pool: &Pool, queues: &Queues, mut lease: Lease, delivery: Delivery)
             ("retrying", backend.retry(&delivery, delay).await)
         }
     };
+    if settled.is_ok() && verdict.contains("dead-lettered") {
+        pool.stats.dead_lettered.inc();
+    }
     match settled {
         Ok(()) if verdict == "handled" => tracing::debug!(
             instance = %instance, queue = %delivery.queue, message.id = %delivery.id,

@@ -378,3 +378,10 @@ impl Host {
         )
     }
 }
+
+impl Host {
+    /// The process id of the running host.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}

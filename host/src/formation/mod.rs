@@ -32,7 +32,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-pub use values::{ByteSize, HumanDuration};
+pub use values::{ByteSize, HumanDuration, ScaleSpec};
 
 /// Where `[http] listen` binds when the formation does not say: every
 /// interface, on `$PORT` or 8080 (12-factor port binding).
@@ -69,6 +69,13 @@ pub const DEFAULT_QUEUE_PATH: &str = ".wasmproc/queue";
 pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 20;
 /// Largest `[queue] max_message`.
 pub const MAX_MAX_MESSAGE: u64 = 64 << 20;
+/// How long load must stay low before an autoscaled type scales down.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
+/// The least instance capacity the pool reserves (see `[pool] capacity`).
+pub const MIN_CAPACITY: u32 = 1024;
+/// The environment variable holding the admin API's bearer token, when
+/// `[admin] token_env` is absent.
+pub const DEFAULT_TOKEN_ENV: &str = "WASMPROC_ADMIN_TOKEN";
 /// Where the admin API listens when `[admin] listen` is absent: loopback, any free port.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:0";
 /// Deliveries of one message before it is dead-lettered, when `retry.attempts` is absent.
@@ -94,6 +101,9 @@ pub struct Formation {
     pub queue: QueueSettings,
     /// The `[admin]` table.
     pub admin: AdminSettings,
+    /// `[pool] capacity`: the most instances, of all types together, the
+    /// host can run at once (the pooling allocator reserves this many slots).
+    pub capacity: u32,
     /// Process types, in name order.
     pub processes: Vec<ProcessType>,
 }
@@ -136,6 +146,22 @@ pub enum QueueBackend {
 pub struct AdminSettings {
     /// The address to bind, after `${VAR}` expansion.
     pub listen: SocketAddr,
+    /// The bearer token every request must carry, read from the environment
+    /// variable `[admin] token_env` names. Required off loopback.
+    pub token: Option<String>,
+    /// The name of that variable (the CLI reads the same one).
+    pub token_env: String,
+}
+
+/// Autoscaling bounds of a process type (`scale = { min, max }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autoscale {
+    /// Fewest instances (0 allowed for workers: scale to zero).
+    pub min: u32,
+    /// Most instances.
+    pub max: u32,
+    /// How long load must stay low before scaling down.
+    pub cooldown: Duration,
 }
 
 /// How a worker retries a message that failed.
@@ -209,8 +235,10 @@ pub struct ProcessType {
     pub build: Option<String>,
     /// HTTP routes (web only).
     pub routes: Vec<Route>,
-    /// Instances that may run units at once.
+    /// Instances that may run units at once, at start.
     pub scale: u32,
+    /// Autoscaling bounds, when `scale = { min, max }`.
+    pub autoscale: Option<Autoscale>,
     /// Units an instance serves before it is retired (1 = fresh per unit).
     pub reuse: u32,
     /// Requests that may wait for a free instance before 503.
@@ -452,6 +480,7 @@ impl Formation {
         let mut http = None;
         let mut queue = None;
         let mut admin = None;
+        let mut capacity: Option<Option<Spanned<u32>>> = None;
         let mut processes = Vec::new();
         if !had_syntax_errors {
             let document = document.into_inner();
@@ -465,6 +494,9 @@ impl Formation {
                         queue = deserialize::<raw::Queue>(value, &mut problems)
                             .map(|raw| raw.validate(&dir, &mut problems));
                     }
+                    "pool" => {
+                        capacity = deserialize::<raw::Pool>(value, &mut problems).map(|raw| raw.capacity);
+                    }
                     "admin" => {
                         admin = deserialize::<raw::Admin>(value, &mut problems)
                             .map(|raw| raw.validate(&lookup, &mut problems));
@@ -473,7 +505,7 @@ impl Formation {
                     other => problems.at(
                         key.span(),
                         format!(
-                            "unknown table `{other}`, expected `http`, `queue`, `admin` or `process`"
+                            "unknown table `{other}`, expected `http`, `queue`, `admin`, `pool` or `process`"
                         ),
                     ),
                 }
@@ -498,6 +530,25 @@ impl Formation {
             Some(admin) => admin,
             None => raw::Admin::default().validate(&lookup, &mut problems),
         };
+        let most: u64 = processes
+            .iter()
+            .map(|p| u64::from(p.process.autoscale.map_or(p.process.scale, |a| a.max)))
+            .sum();
+        let capacity = match capacity.flatten() {
+            Some(c) => {
+                let n = *c.get_ref();
+                if u64::from(n) < most || n > MAX_SCALE * 2 {
+                    problems.at(
+                        c.span(),
+                        format!("`capacity` is {n}: expected from {most} (the process types' scales added up) to {}", MAX_SCALE * 2),
+                    );
+                }
+                n
+            }
+            None => u32::try_from(most.saturating_mul(2))
+                .unwrap_or(u32::MAX)
+                .max(MIN_CAPACITY),
+        };
         match (http, queue, admin) {
             (Some(http), queue, Some(admin)) if problems.0.is_empty() => Ok(Formation {
                 path: path.to_path_buf(),
@@ -506,6 +557,7 @@ impl Formation {
                 http,
                 queue,
                 admin,
+                capacity,
                 processes: processes
                     .into_iter()
                     .map(|located| located.process)

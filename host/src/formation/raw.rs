@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::values::{ByteSize, HumanDuration, Lenient};
+use super::values::{ByteSize, HumanDuration, Lenient, ScaleSpec};
 use super::*;
 
 /// `[http]`
@@ -77,6 +77,19 @@ impl Http {
 #[serde(deny_unknown_fields)]
 pub(super) struct Admin {
     listen: Option<Spanned<String>>,
+    token_env: Option<String>,
+}
+
+/// `[pool]`
+///
+/// ```toml
+/// [pool]
+/// capacity = 4096   # instances of all types at once
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Pool {
+    pub(super) capacity: Option<Spanned<u32>>,
 }
 
 impl Admin {
@@ -86,17 +99,25 @@ impl Admin {
         problems: &mut Problems,
     ) -> Option<AdminSettings> {
         let listen = listen_address(&self.listen, DEFAULT_ADMIN_LISTEN, lookup, problems)?;
-        if !listen.ip().is_loopback() {
+        let token_env = self
+            .token_env
+            .unwrap_or_else(|| DEFAULT_TOKEN_ENV.to_string());
+        let token = lookup(&token_env).filter(|t| !t.trim().is_empty());
+        if !listen.ip().is_loopback() && token.is_none() {
             let span = self.listen.as_ref().map(|l| l.span());
             problems.0.push(FormationError {
                 span,
                 message: format!(
-                    "admin listen address `{listen}` is not a loopback address: the admin API has no authentication in this version, expected `127.0.0.1:PORT`"
+                    "the admin API would listen on `{listen}`, which is not loopback, without a token: set ${token_env} to a secret (requests must then carry `Authorization: Bearer …`), or listen on `127.0.0.1`"
                 ),
             });
             return None;
         }
-        Some(AdminSettings { listen })
+        Some(AdminSettings {
+            listen,
+            token,
+            token_env,
+        })
     }
 }
 
@@ -277,7 +298,7 @@ pub(super) struct Process {
     component: Spanned<String>,
     build: Option<String>,
     routes: Option<Vec<Spanned<String>>>,
-    scale: Option<Spanned<u32>>,
+    scale: Option<Spanned<ScaleSpec>>,
     reuse: Option<Spanned<u32>>,
     backlog: Option<Spanned<u32>>,
     #[serde(default)]
@@ -521,7 +542,42 @@ impl Process {
             }
         }
 
-        let scale = bounded(&self.scale, DEFAULT_SCALE, 1, MAX_SCALE, "scale", problems);
+        let (scale, autoscale) = match &self.scale {
+            None => (DEFAULT_SCALE, None),
+            Some(spec) => match spec.get_ref() {
+                ScaleSpec::Fixed(n) => {
+                    if !(1..=u64::from(MAX_SCALE)).contains(n) {
+                        problems.at(
+                            spec.span(),
+                            format!("`scale` is {n}: expected a number from 1 to {MAX_SCALE}"),
+                        );
+                    }
+                    (u32::try_from(*n).unwrap_or(MAX_SCALE), None)
+                }
+                ScaleSpec::Range { min, max, cooldown } => {
+                    let least = if kind == Kind::Worker { 0 } else { 1 };
+                    if *min < least || min > max || *max > u64::from(MAX_SCALE) || *max == 0 {
+                        problems.at(
+                            spec.span(),
+                            format!(
+                                "`scale = {{ min = {min}, max = {max} }}`: expected {least} ≤ min ≤ max ≤ {MAX_SCALE}, max ≥ 1{}",
+                                if kind == Kind::Worker { "" } else { " (only workers may scale to zero)" }
+                            ),
+                        );
+                    }
+                    let min = u32::try_from(*min).unwrap_or(0);
+                    let max = u32::try_from(*max).unwrap_or(MAX_SCALE);
+                    (
+                        min,
+                        Some(Autoscale {
+                            min,
+                            max,
+                            cooldown: cooldown.unwrap_or(DEFAULT_COOLDOWN),
+                        }),
+                    )
+                }
+            },
+        };
         let reuse = bounded(&self.reuse, DEFAULT_REUSE, 1, u32::MAX, "reuse", problems);
         let backlog = bounded(
             &self.backlog,
@@ -570,6 +626,7 @@ impl Process {
                 build: self.build,
                 routes,
                 scale,
+                autoscale,
                 reuse,
                 backlog,
                 limits,

@@ -71,6 +71,65 @@ impl<'de> de::Deserialize<'de> for HumanDuration {
     }
 }
 
+/// `scale = 8` or `scale = { min = 1, max = 16, cooldown = "30s" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScaleSpec {
+    /// A fixed number of instances.
+    Fixed(u64),
+    /// Autoscaling between bounds.
+    Range {
+        /// Fewest instances.
+        min: u64,
+        /// Most instances.
+        max: u64,
+        /// How long load must stay low before scaling down.
+        cooldown: Option<Duration>,
+    },
+}
+
+impl<'de> de::Deserialize<'de> for ScaleSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScaleVisitor;
+        impl<'de> Visitor<'de> for ScaleVisitor {
+            type Value = ScaleSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of instances, or { min = N, max = M } to autoscale")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ScaleSpec, E> {
+                Ok(ScaleSpec::Fixed(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ScaleSpec, E> {
+                u64::try_from(v)
+                    .map(ScaleSpec::Fixed)
+                    .map_err(|_| E::custom(format!("`scale` is {v}: expected a positive number")))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<ScaleSpec, A::Error> {
+                let (mut min, mut max, mut cooldown) = (None, None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "min" => min = Some(map.next_value::<u64>()?),
+                        "max" => max = Some(map.next_value::<u64>()?),
+                        "cooldown" => cooldown = Some(map.next_value::<HumanDuration>()?.0),
+                        other => {
+                            return Err(de::Error::unknown_field(
+                                other,
+                                &["min", "max", "cooldown"],
+                            ));
+                        }
+                    }
+                }
+                match (min, max) {
+                    (Some(min), Some(max)) => Ok(ScaleSpec::Range { min, max, cooldown }),
+                    _ => Err(de::Error::custom(
+                        "`scale = { … }` needs both `min` and `max`",
+                    )),
+                }
+            }
+        }
+        deserializer.deserialize_any(ScaleVisitor)
+    }
+}
+
 /// A value whose own errors (a bad size, a bad duration) are kept instead
 /// of stopping the deserializer, so one pass can report every bad value of
 /// a table. The type of the TOML value must still be right.

@@ -220,6 +220,19 @@ impl Backend for Embedded {
             .map_err(storage)?;
         Ok(range.count() as u64)
     }
+
+    async fn oldest_age(&self, queue: &str) -> Result<Option<Duration>, QueueError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(READY).map_err(storage)?;
+        let now = now_ms();
+        let first = table
+            .range((queue, 0, 0)..=(queue, now, u64::MAX))
+            .map_err(storage)?
+            .next()
+            .transpose()
+            .map_err(storage)?;
+        Ok(first.map(|(key, _)| Duration::from_millis(now.saturating_sub(key.value().1))))
+    }
 }
 
 /// The writer thread: batches commands into transactions until every

@@ -132,6 +132,8 @@ pub trait Backend: Send + Sync {
     async fn replay(&self, queue: &str, ids: &[String]) -> Result<usize, QueueError>;
     /// Messages waiting or in flight in `queue`.
     async fn depth(&self, queue: &str) -> Result<u64, QueueError>;
+    /// How long the oldest deliverable message of `queue` has waited.
+    async fn oldest_age(&self, queue: &str) -> Result<Option<Duration>, QueueError>;
 }
 
 /// The formation's queues: a backend, which queues exist, how large a

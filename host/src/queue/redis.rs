@@ -451,6 +451,23 @@ impl Backend for Redis {
         Ok(moved)
     }
 
+    async fn oldest_age(&self, queue: &str) -> Result<Option<Duration>, QueueError> {
+        // The oldest entry not yet delivered, or the oldest pending one.
+        let range: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream(queue))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(range.ids.first().and_then(|entry| {
+            let ms: u64 = entry.id.split('-').next()?.parse().ok()?;
+            Some(Duration::from_millis(now_ms().saturating_sub(ms)))
+        }))
+    }
+
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
         let key = stream(queue);
         let (len, delayed): (u64, u64) = redis::pipe()

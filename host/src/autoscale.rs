@@ -1,0 +1,119 @@
+//! The sampler and the autoscaler: once a second, read every pool's load,
+//! update the gauges `ps` and `/metrics` show, and move autoscaled types
+//! (`scale = { min, max }`) toward the scale their load asks for.
+//!
+//! Rules (Cloudflare Queues and KEDA are the models):
+//! - **web** follows in-flight requests (running plus waiting): it wants
+//!   `⌈in-flight / 0.8⌉` instances, so instances run at about 80%;
+//! - **worker** follows its queue: `⌈depth / 4⌉` instances, and one more
+//!   than now while the oldest deliverable message has waited over 5s;
+//!   `min = 0` scales to zero, and the first message wakes it (within a
+//!   sampling interval);
+//! - the result is clamped to `min..=max`; scaling up happens at once,
+//!   scaling down only after the load asked for less during the whole
+//!   `cooldown`;
+//! - every decision is a log line with the signal, the old and the new scale.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::formation::Kind;
+use crate::host::Host;
+
+/// How often load is sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Instances a web type wants per in-flight request.
+const WEB_TARGET_UTILIZATION: f64 = 0.8;
+/// Queued messages per worker instance.
+const MESSAGES_PER_INSTANCE: u64 = 4;
+/// A worker queue whose oldest message waited longer than this gets one more instance.
+const AGE_TARGET: Duration = Duration::from_secs(5);
+
+/// Samples and autoscales until `shutdown` turns true.
+pub async fn run(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut low_since: HashMap<String, Instant> = HashMap::new();
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+        host.sample_rates(last.elapsed());
+        last = Instant::now();
+        for (name, pool) in host.pools() {
+            let process = pool.process();
+            let scale = pool.scale();
+            let busy = pool.busy();
+            pool.stats
+                .idle
+                .set(i64::from(scale) - i64::try_from(busy).unwrap_or(0));
+            let (mut depth, mut age) = (0, None);
+            if let (Some(queue), Some(queues)) = (&process.queue, host.queues()) {
+                depth = queues.backend().depth(queue).await.unwrap_or(0);
+                age = queues.backend().oldest_age(queue).await.ok().flatten();
+                pool.stats
+                    .queue_depth
+                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                pool.stats
+                    .queue_age_seconds
+                    .set(age.map_or(0.0, |a| a.as_secs_f64()));
+            }
+            let Some(bounds) = process.autoscale else {
+                continue;
+            };
+            let (signal, wanted) = match process.kind {
+                Kind::Web => {
+                    let load = u64::try_from(pool.stats.admitted.get()).unwrap_or(0);
+                    (
+                        format!("in-flight {load}"),
+                        (load as f64 / WEB_TARGET_UTILIZATION).ceil() as u64,
+                    )
+                }
+                Kind::Worker => {
+                    let mut wanted = depth.div_ceil(MESSAGES_PER_INSTANCE);
+                    if age.is_some_and(|a| a > AGE_TARGET) {
+                        wanted = wanted.max(u64::from(scale) + 1);
+                    }
+                    let age = age.map_or_else(
+                        || "none".to_string(),
+                        |a| format!("{:.1}s", a.as_secs_f64()),
+                    );
+                    (format!("queue depth {depth}, oldest {age}"), wanted)
+                }
+                Kind::Clock => continue,
+            };
+            let target = u32::try_from(wanted)
+                .unwrap_or(u32::MAX)
+                .clamp(bounds.min, bounds.max);
+            if target > scale {
+                low_since.remove(name);
+                decide(&host, name, scale, target, &signal, "up");
+            } else if target < scale {
+                let since = *low_since.entry(name.clone()).or_insert_with(Instant::now);
+                if since.elapsed() >= bounds.cooldown {
+                    low_since.remove(name);
+                    decide(&host, name, scale, target, &signal, "down");
+                }
+            } else {
+                low_since.remove(name);
+            }
+        }
+    }
+}
+
+fn decide(host: &Host, name: &str, old: u32, new: u32, signal: &str, direction: &str) {
+    match host.scale(name, new) {
+        Ok(_) => tracing::info!(
+            process = name,
+            old,
+            new,
+            "autoscale `{name}` {direction} from {old} to {new} ({signal})"
+        ),
+        Err(e) => tracing::warn!(process = name, "autoscale `{name}` to {new} refused: {e}"),
+    }
+}

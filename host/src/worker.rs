@@ -54,6 +54,9 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
     };
     let visibility = visibility(process.limits.timeout);
     let backend = queues.backend().clone();
+    // Messages leased ahead of a free slot, at most `scale` of them, so a
+    // slot that frees up finds work without a round trip to the queue.
+    let mut prefetched: std::collections::VecDeque<Delivery> = std::collections::VecDeque::new();
     loop {
         let first = tokio::select! {
             lease = pool.lease_wait() => lease,
@@ -64,16 +67,20 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
         while let Some(more) = pool.try_lease() {
             leases.push(more);
         }
-        let deliveries = match backend.lease(&queue, leases.len(), visibility).await {
-            Ok(deliveries) => deliveries,
-            Err(e) => {
-                tracing::warn!(process = %process.name, %queue, "cannot lease messages: {e}");
-                drop(leases);
-                tokio::time::sleep(ERROR_PAUSE).await;
-                continue;
+        let ahead = pool.scale() as usize;
+        if prefetched.len() < leases.len() {
+            let want = leases.len() + ahead - prefetched.len();
+            match backend.lease(&queue, want, visibility).await {
+                Ok(deliveries) => prefetched.extend(deliveries),
+                Err(e) => {
+                    tracing::warn!(process = %process.name, %queue, "cannot lease messages: {e}");
+                    drop(leases);
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                    continue;
+                }
             }
-        };
-        if deliveries.is_empty() {
+        }
+        if prefetched.is_empty() {
             drop(leases);
             tokio::select! {
                 () = backend.wait(&queue, IDLE_WAIT) => {}
@@ -81,10 +88,20 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
             }
             continue;
         }
-        for (delivery, lease) in deliveries.into_iter().zip(leases.drain(..)) {
+        for lease in leases {
+            let Some(delivery) = prefetched.pop_front() else {
+                break;
+            };
             let pool = pool.clone();
             let queues = queues.clone();
             tokio::spawn(async move { run(&pool, &queues, lease, delivery).await });
+        }
+    }
+    // Give back what was leased ahead, so another consumer need not wait
+    // for the leases to expire.
+    for delivery in prefetched {
+        if let Err(e) = backend.retry(&delivery, Duration::ZERO).await {
+            tracing::warn!(queue = %delivery.queue, message.id = %delivery.id, "cannot release a prefetched message: {e}");
         }
     }
     tracing::info!(process = %process.name, %queue, "worker stopped leasing messages");

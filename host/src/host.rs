@@ -80,6 +80,8 @@ pub struct ProcessStatus {
     pub queue_depth: Option<u64>,
     /// The deployed component's generation (1 at start, +1 per deploy).
     pub generation: u64,
+    /// Idle instances that are live (created ahead, `reuse > 1`).
+    pub warm: u64,
 }
 
 /// The running host.
@@ -159,7 +161,9 @@ impl Host {
                 .all(|p| p.scale() >= p.process().autoscale.map_or(p.process().scale, |a| a.min))
     }
 
-    /// Sets one type's scale, within capacity.
+    /// Sets one type's scale, within capacity; with `reuse > 1` the new
+    /// instances are created in the background, so they are live before
+    /// units arrive.
     pub fn scale(&self, name: &str, target: u32) -> Result<u32, ChangeError> {
         let pool = self
             .pools
@@ -181,7 +185,17 @@ impl Host {
                 capacity: self.capacity,
             });
         }
+        let old = pool.scale();
         pool.scale_to(target);
+        if target > old && pool.process().reuse > 1 {
+            let pool = pool.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let n = pool.prewarm().await;
+                tracing::info!(process = %name, "{n} `{name}` instances live in {} ms", started.elapsed().as_millis());
+            });
+        }
         Ok(target)
     }
 
@@ -310,6 +324,7 @@ impl Host {
                 restarts: pool.stats.failures(),
                 queue_depth,
                 generation: pool.generation(),
+                warm: pool.warm() as u64,
             });
         }
         rows

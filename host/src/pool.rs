@@ -548,6 +548,55 @@ impl Pool {
         Some(lease)
     }
 
+    /// With `reuse > 1`, creates an instance in every idle slot that has
+    /// none, so scaled-up instances are live before the first unit comes.
+    /// Returns how many were created.
+    pub async fn prewarm(self: &Arc<Self>) -> usize {
+        if self.process.reuse <= 1 {
+            return 0;
+        }
+        let mut created = 0;
+        loop {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let cold = {
+                let mut idle = self.lock_idle();
+                idle.iter()
+                    .rposition(|s| s.warm.is_none())
+                    .map(|i| idle.remove(i))
+            };
+            let Some(mut slot) = cold else {
+                drop(permit);
+                break;
+            };
+            match self.instantiate(&slot.name).await {
+                Ok(warm) => {
+                    slot.warm = Some(warm);
+                    created += 1;
+                }
+                Err(failure) => {
+                    tracing::warn!(instance = %slot.name, reason = failure.reason(), "cannot prewarm an instance");
+                    self.lock_idle().push(slot);
+                    break;
+                }
+            }
+            // Back on top: a warm slot is the next one used.
+            drop(Lease {
+                pool: self.clone(),
+                slot: Some(slot),
+                permit: Some(permit),
+                admitted: false,
+            });
+        }
+        created
+    }
+
+    /// Idle slots holding a live instance.
+    pub fn warm(&self) -> usize {
+        self.lock_idle().iter().filter(|s| s.warm.is_some()).count()
+    }
+
     /// Waits for a free slot (workers: the queue itself is the backlog).
     pub async fn lease_wait(self: &Arc<Self>) -> Option<Lease> {
         let permit = self.slots.clone().acquire_owned().await.ok()?;

@@ -310,6 +310,13 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         ));
     }
 
+    for pool in &prepared.pools {
+        if pool.process().reuse > 1 {
+            let started = std::time::Instant::now();
+            let n = pool.prewarm().await;
+            tracing::info!(process = %pool.process().name, "{n} `{}` instances live in {} ms", pool.process().name, started.elapsed().as_millis());
+        }
+    }
     host.set_ready(true);
     tracing::info!("ready: {} process types running", prepared.pools.len());
     let mut digests = prepared.digests.clone();

@@ -44,7 +44,7 @@ start() {
   local pid=$!
   pids+=("$pid")
   for _ in $(seq 1 600); do
-    addr=$(grep -o 'http://[0-9.]*:[0-9]*' "$log" | head -n1 || true)
+    addr=$(grep -v "admin API" "$log" | grep -o 'http://[0-9.]*:[0-9]*' | head -n1 || true)
     [ -n "$addr" ] && break
     sleep 0.05
   done
@@ -85,11 +85,12 @@ TOML
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; wrk -t$THREADS -c$CONNECTIONS -d$DURATION" 
 f1=$(formation 1 "$CONNECTIONS")
 "$wasmproc" check --cache-dir "$work/cache" "$f1" >/dev/null   # warm the compile cache
-start wasmproc "$work/wasmproc-fresh.log" "$wasmproc" run --log-level warn --cache-dir "$work/cache" "$f1"
-sleep 0.2; grep -o 'http://[0-9.]*:[0-9]*' "$work/wasmproc-fresh.log" >/dev/null
+# Only warnings, plus the start-up lines (the bound address) of wasmproc::run.
+quiet="warn,wasmproc::run=info"
+start wasmproc "$work/wasmproc-fresh.log" "$wasmproc" run --log-level "$quiet" --cache-dir "$work/cache" "$f1"
 measure "wasmproc (fresh per request)"
 fr=$(formation 1000 "$CONNECTIONS")
-start wasmproc "$work/wasmproc-reuse.log" "$wasmproc" run --log-level warn --log-format text --cache-dir "$work/cache" "$fr"
+start wasmproc "$work/wasmproc-reuse.log" "$wasmproc" run --log-level "$quiet" --cache-dir "$work/cache" "$fr"
 measure "wasmproc (reuse = 1000)"
 start wasmtime "$work/wasmtime.log" "$wasmtime" serve -Scli --addr 127.0.0.1:0 "$hello"
 measure "wasmtime serve -Scli (defaults)"

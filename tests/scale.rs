@@ -326,3 +326,34 @@ fn with_a_token_the_admin_api_refuses_requests_without_it() {
     assert!(table.starts_with("TYPE "), "{table}");
     assert!(table.lines().nth(1).unwrap().starts_with("web "), "{table}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap()
+}
+
+/// A regression guard, not a timing: 1,000 live instances of the hello
+/// component must cost under 100 MiB of RSS (measured: about 24 MiB).
+#[test]
+fn a_thousand_live_instances_stay_under_a_memory_bound() {
+    let mut host = Host::start(&web(
+        "hello",
+        "scale = 1\nreuse = 1000\nlimits = { memory = \"4MiB\" }",
+    ));
+    let before = rss_kib(host.pid());
+    let (code, _, stderr) = cli(&host, &["scale", "web=1000"]);
+    assert_eq!(code, 0, "{stderr}");
+    host.wait_for_log("999 `web` instances live in");
+    let grown = rss_kib(host.pid()).saturating_sub(before);
+    assert!(
+        grown < 100 * 1024,
+        "1,000 live instances took {} MiB",
+        grown / 1024
+    );
+    assert_eq!(row(&ps(&host), "web")["warm"], 1000);
+    assert_eq!(host.get("/").body, "Hello from wasmproc\n");
+}

@@ -192,7 +192,7 @@ impl Host {
             let name = name.to_string();
             tokio::spawn(async move {
                 let started = Instant::now();
-                let n = pool.prewarm().await;
+                let n = crate::pool::prewarm_parallel(&pool).await;
                 tracing::info!(process = %name, "{n} `{name}` instances live in {} ms", started.elapsed().as_millis());
             });
         }

@@ -552,44 +552,60 @@ impl Pool {
     /// none, so scaled-up instances are live before the first unit comes.
     /// Returns how many were created.
     pub async fn prewarm(self: &Arc<Self>) -> usize {
+        /// Slots taken per batch: enough to amortize the scan of the idle
+        /// list, few enough that units are not starved meanwhile.
+        const BATCH: usize = 256;
         if self.process.reuse <= 1 {
             return 0;
         }
         let mut created = 0;
         loop {
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                break;
-            };
-            let cold = {
-                let mut idle = self.lock_idle();
-                idle.iter()
-                    .rposition(|s| s.warm.is_none())
-                    .map(|i| idle.remove(i))
-            };
-            let Some(mut slot) = cold else {
-                drop(permit);
-                break;
-            };
-            match self.instantiate(&slot.name).await {
-                Ok(warm) => {
-                    slot.warm = Some(warm);
-                    created += 1;
-                }
-                Err(failure) => {
-                    tracing::warn!(instance = %slot.name, reason = failure.reason(), "cannot prewarm an instance");
-                    self.lock_idle().push(slot);
-                    break;
+            let mut permits = Vec::new();
+            while permits.len() < BATCH {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
                 }
             }
-            // Back on top: a warm slot is the next one used.
-            drop(Lease {
-                pool: self.clone(),
-                slot: Some(slot),
-                permit: Some(permit),
-                admitted: false,
-            });
+            let cold: Vec<Slot> = {
+                let mut idle = self.lock_idle();
+                idle.extract_if(.., |s| s.warm.is_none())
+                    .take(permits.len())
+                    .collect()
+            };
+            if cold.is_empty() {
+                return created;
+            }
+            let mut failed = false;
+            for (mut slot, permit) in cold.into_iter().zip(permits.drain(..)) {
+                if !failed {
+                    match self.instantiate(&slot.name).await {
+                        Ok(warm) => {
+                            slot.warm = Some(warm);
+                            created += 1;
+                        }
+                        Err(failure) => {
+                            let detail = match &failure {
+                                Failure::Trap(m) | Failure::Instantiate(m) => m.clone(),
+                                _ => String::new(),
+                            };
+                            tracing::warn!(instance = %slot.name, reason = failure.reason(), "cannot create an instance ahead: {detail}");
+                            failed = true;
+                        }
+                    }
+                }
+                // Back on top: a warm slot is the next one used.
+                drop(Lease {
+                    pool: self.clone(),
+                    slot: Some(slot),
+                    permit: Some(permit),
+                    admitted: false,
+                });
+            }
+            if failed {
+                return created;
+            }
         }
-        created
     }
 
     /// Idle slots holding a live instance.
@@ -902,6 +918,23 @@ impl Pool {
         self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
         result
     }
+}
+
+/// [`Pool::prewarm`] on every core at once; returns how many instances
+/// were created.
+pub async fn prewarm_parallel(pool: &Arc<Pool>) -> usize {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.prewarm().await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        created += task.await.unwrap_or(0);
+    }
+    created
 }
 
 /// Names the failure behind a wasmtime error.

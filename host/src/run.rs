@@ -210,6 +210,7 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         None
     };
     let prepared = prepare(&formation, &cache, queues.as_ref())?;
+    check_map_count(formation.capacity);
     let _ticker = EpochTicker::start(&prepared.engine)?;
     let grace = formation.http.shutdown_grace;
 
@@ -313,7 +314,7 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     for pool in &prepared.pools {
         if pool.process().reuse > 1 {
             let started = std::time::Instant::now();
-            let n = pool.prewarm().await;
+            let n = crate::pool::prewarm_parallel(pool).await;
             tracing::info!(process = %pool.process().name, "{n} `{}` instances live in {} ms", pool.process().name, started.elapsed().as_millis());
         }
     }
@@ -336,6 +337,28 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     let _ = std::fs::remove_file(&addr_file);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Memory mappings one live instance takes (its linear memory, tables and
+/// their guard regions split the pool's reservations), measured.
+const MAPS_PER_INSTANCE: u64 = 10;
+
+/// Warns when Linux's `vm.max_map_count` caps live instances below the
+/// pool's capacity: past it, instantiation fails with ENOMEM.
+fn check_map_count(capacity: u32) {
+    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let need = u64::from(capacity) * MAPS_PER_INSTANCE + 10_000;
+    if need > limit {
+        tracing::warn!(
+            "the pool can hold {capacity} instances, but vm.max_map_count is {limit}: only about {} can be live at once (each takes ~{MAPS_PER_INSTANCE} memory mappings); raise it with `sysctl -w vm.max_map_count={need}`",
+            limit / MAPS_PER_INSTANCE
+        );
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

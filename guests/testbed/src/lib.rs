@@ -16,6 +16,7 @@
 //! | `/echo`             | answers the request body                                   |
 //! | `/log?msg=M`        | prints M to stdout and to stderr                           |
 //! | `/enqueue?queue=Q&body=B` | enqueues B onto Q and answers the id or the error    |
+//! | `/whoami?ms=N`      | sleeps N ms, then answers its instance name                |
 
 use std::io::{Read as _, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,6 +164,12 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                 println!("{msg}");
                 eprintln!("{msg} on stderr");
                 respond(out, 200, b"logged\n");
+            }
+            "/whoami" => {
+                let ms: u64 = query_param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                let me = std::env::var("WASMPROC_INSTANCE").unwrap_or_default();
+                respond(out, 200, format!("{me}\n").as_bytes());
             }
             "/enqueue" => {
                 let queue = query_param(query, "queue").unwrap_or_default();

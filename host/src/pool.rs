@@ -749,32 +749,43 @@ impl Pool {
         self.process.limits.timeout + EPOCH_TICK * 2
     }
 
+    /// Runs `call` on the lease's instance as one unit of work: checks the
+    /// instance out (warm or new, armed), stops the call at the backstop,
+    /// names a failure, and checks the instance back in.
+    async fn unit<R>(
+        &self,
+        lease: &mut Lease,
+        call: impl AsyncFnOnce(&Exports, &mut Store<InstanceState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
+        let started = Instant::now();
+        let mut warm = self.checkout(lease).await?;
+        let result =
+            match tokio::time::timeout(self.backstop(), call(&warm.exports, &mut warm.store)).await
+            {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) => Err(classify(&e, warm.store.data())),
+                Err(_) => Err(Failure::Timeout),
+            };
+        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
+        result
+    }
+
     /// Runs one queue message in the lease's instance.
     pub async fn run_message(
         &self,
         lease: &mut Lease,
         delivery: &Delivery,
     ) -> Result<Outcome, Failure> {
-        let started = Instant::now();
-        let mut warm = self.checkout(lease).await?;
-        let call = async {
-            match &warm.exports {
-                Exports::Worker(worker) => {
-                    worker
-                        .wasmproc_host_handler()
-                        .call_handle(&mut warm.store, delivery)
-                        .await
-                }
-                _ => Err(wasmtime::format_err!("not a worker")),
+        self.unit(lease, async |exports, store| match exports {
+            Exports::Worker(worker) => {
+                worker
+                    .wasmproc_host_handler()
+                    .call_handle(store, delivery)
+                    .await
             }
-        };
-        let result = match tokio::time::timeout(self.backstop(), call).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => Err(classify(&e, warm.store.data())),
-            Err(_) => Err(Failure::Timeout),
-        };
-        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
-        result
+            _ => Err(wasmtime::format_err!("not a worker")),
+        })
+        .await
     }
 
     /// Runs one clock tick in the lease's instance.
@@ -783,26 +794,16 @@ impl Pool {
         lease: &mut Lease,
         tick: &Tick,
     ) -> Result<Result<(), String>, Failure> {
-        let started = Instant::now();
-        let mut warm = self.checkout(lease).await?;
-        let call = async {
-            match &warm.exports {
-                Exports::Clock(clock) => {
-                    clock
-                        .wasmproc_host_scheduled()
-                        .call_on_tick(&mut warm.store, tick)
-                        .await
-                }
-                _ => Err(wasmtime::format_err!("not a clock")),
+        self.unit(lease, async |exports, store| match exports {
+            Exports::Clock(clock) => {
+                clock
+                    .wasmproc_host_scheduled()
+                    .call_on_tick(store, tick)
+                    .await
             }
-        };
-        let result = match tokio::time::timeout(self.backstop(), call).await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => Err(classify(&e, warm.store.data())),
-            Err(_) => Err(Failure::Timeout),
-        };
-        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
-        result
+            _ => Err(wasmtime::format_err!("not a clock")),
+        })
+        .await
     }
 
     /// Serves one HTTP request with an instance of this type.
@@ -881,8 +882,6 @@ impl Pool {
             Result<HttpResponse, wasmtime_wasi_http::p2::bindings::http::types::ErrorCode>,
         >,
     ) -> Result<(), Failure> {
-        let started = Instant::now();
-        let mut warm = self.checkout(lease).await?;
         let limit = usize::try_from(self.process.limits.body).unwrap_or(usize::MAX);
         let request = request.map(move |body| {
             Limited::new(body, limit).map_err(move |e| match e.downcast::<hyper::Error>() {
@@ -890,33 +889,19 @@ impl Pool {
                 Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit as u64)),
             })
         });
-        let mut http = warm.store.data_mut().http();
-        let resources = http
-            .new_incoming_request(Scheme::Http, request)
-            .and_then(|req| Ok((req, http.new_response_outparam(sender)?)));
-        let result = match resources {
-            Err(e) => Err(Failure::Trap(format!("cannot pass the request: {e}"))),
-            Ok((req, out)) => {
-                let call = async {
-                    match &warm.exports {
-                        Exports::Web(proxy) => {
-                            proxy
-                                .wasi_http_incoming_handler()
-                                .call_handle(&mut warm.store, req, out)
-                                .await
-                        }
-                        _ => Err(wasmtime::format_err!("not a web component")),
-                    }
-                };
-                match tokio::time::timeout(self.backstop(), call).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(classify(&e, warm.store.data())),
-                    Err(_) => Err(Failure::Timeout),
-                }
-            }
-        };
-        self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
-        result
+        self.unit(lease, async move |exports, store| {
+            let Exports::Web(proxy) = exports else {
+                return Err(wasmtime::format_err!("not a web component"));
+            };
+            let mut http = store.data_mut().http();
+            let req = http.new_incoming_request(Scheme::Http, request)?;
+            let out = http.new_response_outparam(sender)?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(store, req, out)
+                .await
+        })
+        .await
     }
 }
 

@@ -76,6 +76,24 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
+/// Appends the commands that settle a lease: acknowledge the entry and
+/// delete it from the stream.
+fn settle<'p>(
+    pipe: &'p mut redis::Pipeline,
+    key: &str,
+    delivery: &Delivery,
+) -> &'p mut redis::Pipeline {
+    pipe.cmd("XACK")
+        .arg(key)
+        .arg(GROUP)
+        .arg(&delivery.lease)
+        .ignore()
+        .cmd("XDEL")
+        .arg(key)
+        .arg(&delivery.lease)
+        .ignore()
+}
+
 fn stream(queue: &str) -> String {
     format!("wasmproc:q:{queue}")
 }
@@ -298,17 +316,7 @@ impl Backend for Redis {
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
         let key = stream(&delivery.queue);
-        let () = redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&key)
-            .arg(GROUP)
-            .arg(&delivery.lease)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&key)
-            .arg(&delivery.lease)
-            .ignore()
+        let () = settle(redis::pipe().atomic(), &key, delivery)
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -318,8 +326,8 @@ impl Backend for Redis {
     async fn retry(&self, delivery: &Delivery, delay: Duration) -> Result<(), QueueError> {
         let key = stream(&delivery.queue);
         let packed = Self::pack(delivery, delivery.attempt)?;
-        let () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .cmd("HSET")
             .arg(format!("{key}:payload"))
             .arg(&delivery.id)
@@ -329,16 +337,8 @@ impl Backend for Redis {
             .arg(format!("{key}:delayed"))
             .arg(now_ms() + ms(delay))
             .arg(&delivery.id)
-            .ignore()
-            .cmd("XACK")
-            .arg(&key)
-            .arg(GROUP)
-            .arg(&delivery.lease)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&key)
-            .arg(&delivery.lease)
-            .ignore()
+            .ignore();
+        let () = settle(&mut pipe, &key, delivery)
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -348,8 +348,8 @@ impl Backend for Redis {
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
         let key = stream(&delivery.queue);
         let packed = Self::pack(delivery, delivery.attempt)?;
-        let () = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .cmd("XADD")
             .arg(format!("{key}:dead"))
             .arg("*")
@@ -361,16 +361,8 @@ impl Backend for Redis {
             .arg(reason)
             .arg("at")
             .arg(now_ms())
-            .ignore()
-            .cmd("XACK")
-            .arg(&key)
-            .arg(GROUP)
-            .arg(&delivery.lease)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&key)
-            .arg(&delivery.lease)
-            .ignore()
+            .ignore();
+        let () = settle(&mut pipe, &key, delivery)
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;

@@ -29,9 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
@@ -256,8 +254,16 @@ fn writer(db: &Database, receiver: &std::sync::mpsc::Receiver<Command>) {
                 Durability::None
             })
             .map_err(storage)?;
-            for command in batch {
-                answers.push(apply(&txn, command)?);
+            {
+                let mut tables = Tables {
+                    messages: txn.open_table(MESSAGES).map_err(storage)?,
+                    ready: txn.open_table(READY).map_err(storage)?,
+                    dead: txn.open_table(DEAD).map_err(storage)?,
+                    meta: txn.open_table(META).map_err(storage)?,
+                };
+                for command in batch {
+                    answers.push(apply(&mut tables, command)?);
+                }
             }
             txn.commit().map_err(storage)
         })();
@@ -270,9 +276,18 @@ fn writer(db: &Database, receiver: &std::sync::mpsc::Receiver<Command>) {
     }
 }
 
-/// Applies one command inside `txn`; returns how to answer its caller once
-/// the transaction's fate is known. A storage error aborts the batch.
-fn apply(txn: &WriteTransaction, command: Command) -> Result<Answer, QueueError> {
+/// The tables of one write transaction, opened once per batch.
+struct Tables<'txn> {
+    messages: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    ready: redb::Table<'txn, (&'static str, u64, u64), u32>,
+    dead: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    meta: redb::Table<'txn, &'static str, u64>,
+}
+
+/// Applies one command to the batch's tables; returns how to answer its
+/// caller once the transaction's fate is known. A storage error aborts the
+/// batch.
+fn apply(tables: &mut Tables<'_>, command: Command) -> Result<Answer, QueueError> {
     fn answer<T: Send + 'static>(reply: Reply<T>, value: Result<T, QueueError>) -> Answer {
         Box::new(move |failed: Option<&QueueError>| {
             let _ = reply.send(match failed {
@@ -281,12 +296,15 @@ fn apply(txn: &WriteTransaction, command: Command) -> Result<Answer, QueueError>
             });
         })
     }
-    let mut messages = txn.open_table(MESSAGES).map_err(storage)?;
-    let mut ready = txn.open_table(READY).map_err(storage)?;
+    let Tables {
+        messages,
+        ready,
+        dead,
+        meta,
+    } = tables;
     let now = now_ms();
     Ok(match command {
         Command::Enqueue(queue, message, reply) => {
-            let mut meta = txn.open_table(META).map_err(storage)?;
             let seq = meta.get("seq").map_err(storage)?.map_or(0, |v| v.value()) + 1;
             meta.insert("seq", seq).map_err(storage)?;
             let stored = Stored {
@@ -371,21 +389,19 @@ fn apply(txn: &WriteTransaction, command: Command) -> Result<Answer, QueueError>
             if let Some(bytes) = messages.remove((q, seq)).map_err(storage)? {
                 let message: Stored = postcard::from_bytes(bytes.value()).map_err(storage)?;
                 drop(bytes);
-                let dead = StoredDead {
+                let letter = StoredDead {
                     attempts: delivery.attempt,
                     reason,
                     failed_at_ms: now,
                     message,
                 };
-                let bytes = postcard::to_stdvec(&dead).map_err(storage)?;
-                let mut table = txn.open_table(DEAD).map_err(storage)?;
-                table.insert((q, seq), bytes.as_slice()).map_err(storage)?;
+                let bytes = postcard::to_stdvec(&letter).map_err(storage)?;
+                dead.insert((q, seq), bytes.as_slice()).map_err(storage)?;
             }
             answer(reply, Ok(()))
         }
         Command::Replay(queue, ids, reply) => {
             let q = queue.as_str();
-            let mut dead = txn.open_table(DEAD).map_err(storage)?;
             let mut chosen = Vec::new();
             for entry in dead.range((q, 0)..=(q, u64::MAX)).map_err(storage)? {
                 let (key, _) = entry.map_err(storage)?;

@@ -11,23 +11,8 @@ use std::thread::JoinHandle;
 
 use common::{Host, Reply, request, wasmproc};
 
-/// `wasmproc ARGS… --formation F`; returns exit code, stdout, stderr.
-fn cli(host: &Host, args: &[&str]) -> (i32, String, String) {
-    let out = wasmproc()
-        .args(args)
-        .arg("--formation")
-        .arg(host.dir().join("formation.toml"))
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn ps(host: &Host) -> Vec<serde_json::Value> {
-    let (code, stdout, stderr) = cli(host, &["ps", "--json"]);
+    let (code, stdout, stderr) = host.cli(&["ps", "--json"]);
     assert_eq!(code, 0, "{stderr}");
     serde_json::from_str(stdout.trim()).unwrap()
 }
@@ -92,13 +77,13 @@ fn ps_and_scale_change_instances_at_once_without_failing_requests() {
     host.wait_until("load running", |log| {
         log.iter().filter(|l| l.contains("sleeping 20 ms")).count() > 10
     });
-    let (code, stdout, stderr) = cli(&host, &["scale", "web=8"]);
+    let (code, stdout, stderr) = host.cli(&["scale", "web=8"]);
     assert_eq!((code, stdout.as_str()), (0, "web=8\n"), "{stderr}");
     host.wait_for_log("scaled `web` from 2 to 8 (admin API)");
     host.wait_until("instance web.8 busy", |log| {
         log.iter().any(|l| l.contains("instance=web.8"))
     });
-    let (code, _, stderr) = cli(&host, &["scale", "web-7"]);
+    let (code, _, stderr) = host.cli(&["scale", "web-7"]);
     assert_eq!(code, 0, "{stderr}");
     host.wait_for_log("scaled `web` from 8 to 1 (admin API)");
     let sleeping = |log: &[String]| log.iter().filter(|l| l.contains("sleeping 20 ms")).count();
@@ -118,7 +103,7 @@ fn ps_and_scale_change_instances_at_once_without_failing_requests() {
     );
     assert_eq!(row(&ps(&host), "web")["scale"], 1);
 
-    let (code, _, stderr) = cli(&host, &["scale", "web=0"]);
+    let (code, _, stderr) = host.cli(&["scale", "web=0"]);
     assert_eq!(
         (code, stderr.trim()),
         (
@@ -126,12 +111,12 @@ fn ps_and_scale_change_instances_at_once_without_failing_requests() {
             "error: `web` is not a worker: only workers may scale to zero"
         )
     );
-    let (code, _, stderr) = cli(&host, &["scale", "nope=3"]);
+    let (code, _, stderr) = host.cli(&["scale", "nope=3"]);
     assert_eq!(
         (code, stderr.trim()),
         (1, "error: unknown process type `nope`")
     );
-    let (code, _, stderr) = cli(&host, &["scale", "web=5000"]);
+    let (code, _, stderr) = host.cli(&["scale", "web=5000"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("the instance pool holds 1024"), "{stderr}");
 }
@@ -142,7 +127,7 @@ fn deploy_swaps_the_component_under_load_without_failing_requests() {
     assert_eq!(host.get("/").body, "Hello from wasmproc\n");
     let load = Load::start(&host.addr, "/", 4);
     host.wait_until("load running", |_| true);
-    let (code, stdout, stderr) = cli(&host, &["deploy", "web", &common::guest("testbed")]);
+    let (code, stdout, stderr) = host.cli(&["deploy", "web", &common::guest("testbed")]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("(generation 2)"), "{stdout}");
     host.wait_for_log("deployed a new component to `web` (generation 2");
@@ -168,7 +153,7 @@ fn deploy_swaps_the_component_under_load_without_failing_requests() {
 #[test]
 fn a_bad_artifact_is_refused_and_the_old_one_keeps_serving() {
     let host = Host::start(&web("hello", ""));
-    let (code, _, stderr) = cli(&host, &["deploy", "web", &common::guest("not-http")]);
+    let (code, _, stderr) = host.cli(&["deploy", "web", &common::guest("not-http")]);
     assert_eq!(code, 1);
     assert!(
         stderr.contains("does not fit `web`") && stderr.contains("wasi:http/incoming-handler"),
@@ -176,7 +161,7 @@ fn a_bad_artifact_is_refused_and_the_old_one_keeps_serving() {
     );
     let junk = host.dir().join("junk.wasm");
     std::fs::write(&junk, b"not wasm at all").unwrap();
-    let (code, _, stderr) = cli(&host, &["deploy", "web", junk.to_str().unwrap()]);
+    let (code, _, stderr) = host.cli(&["deploy", "web", junk.to_str().unwrap()]);
     assert_eq!(
         (code, stderr.trim()),
         (
@@ -345,7 +330,7 @@ fn a_thousand_live_instances_stay_under_a_memory_bound() {
         "scale = 1\nreuse = 1000\nlimits = { memory = \"4MiB\" }",
     ));
     let before = rss_kib(host.pid());
-    let (code, _, stderr) = cli(&host, &["scale", "web=1000"]);
+    let (code, _, stderr) = host.cli(&["scale", "web=1000"]);
     assert_eq!(code, 0, "{stderr}");
     host.wait_for_log("999 `web` instances live in");
     let grown = rss_kib(host.pid()).saturating_sub(before);

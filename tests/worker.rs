@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Host, RedisServer, request, wasmproc};
+use common::{Host, RedisServer, request};
 
 /// A web type that may enqueue onto `jobs`, and a worker consuming it.
 fn web_and_worker(queue_table: &str, worker_extra: &str) -> String {
@@ -79,18 +79,8 @@ fn rejected_and_exhausted_messages_are_dead_lettered_listed_and_replayed() {
     host.wait_for_log("message rejected: dead-lettered");
     host.wait_for_log("message failed (trap); instance discarded; dead-lettered");
 
-    let formation = host.dir().join("formation.toml");
-    let list = wasmproc()
-        .args(["dlq", "list", "jobs", "--formation"])
-        .arg(&formation)
-        .output()
-        .unwrap();
-    assert!(
-        list.status.success(),
-        "{}",
-        String::from_utf8_lossy(&list.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&list.stdout);
+    let (code, stdout, stderr) = host.cli(&["dlq", "list", "jobs"]);
+    assert_eq!(code, 0, "{stderr}");
     let letters: Vec<serde_json::Value> = stdout
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -111,17 +101,9 @@ fn rejected_and_exhausted_messages_are_dead_lettered_listed_and_replayed() {
 
     // Replay the trap message only: it comes back as a first attempt.
     let id = trap["id"].as_str().unwrap();
-    let replay = wasmproc()
-        .args(["dlq", "replay", "jobs", id, "--formation"])
-        .arg(&formation)
-        .output()
-        .unwrap();
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 1 message"));
+    let (code, stdout, stderr) = host.cli(&["dlq", "replay", "jobs", id]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("replayed 1 message"), "{stdout}");
     host.wait_until(
         "the replayed message is delivered again as attempt 1",
         |log| {
@@ -136,33 +118,15 @@ fn rejected_and_exhausted_messages_are_dead_lettered_listed_and_replayed() {
 #[test]
 fn the_enqueue_command_feeds_a_running_host() {
     let mut host = Host::start(&web_and_worker("[queue]\nmax_message = \"16B\"", ""));
-    let formation = host.dir().join("formation.toml");
-    let out = wasmproc()
-        .args(["enqueue", "jobs", "ok:cli1", "--formation"])
-        .arg(&formation)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (code, stdout, stderr) = host.cli(&["enqueue", "jobs", "ok:cli1"]);
+    assert_eq!(code, 0, "{stderr}");
+    let id = stdout.trim().to_string();
     host.wait_for_log(&format!("processed cli1 attempt=1 id={id} "));
 
-    let big = wasmproc()
-        .args([
-            "enqueue",
-            "jobs",
-            "ok:this-body-is-too-large",
-            "--formation",
-        ])
-        .arg(&formation)
-        .output()
-        .unwrap();
-    assert_eq!(big.status.code(), Some(1));
+    let (code, _, stderr) = host.cli(&["enqueue", "jobs", "ok:this-body-is-too-large"]);
+    assert_eq!(code, 1);
     assert_eq!(
-        String::from_utf8_lossy(&big.stderr).trim(),
+        stderr.trim(),
         "error: message of 17 bytes is larger than the limit of 16 bytes"
     );
     let unknown = host.enqueue("nope", "x");

@@ -385,3 +385,21 @@ impl Host {
         self.child.as_ref().unwrap().id()
     }
 }
+
+impl Host {
+    /// Runs `wasmproc ARGS… --formation F` against this host; returns the
+    /// exit code, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = wasmproc()
+            .args(args)
+            .arg("--formation")
+            .arg(self.dir().join("formation.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}

@@ -42,6 +42,11 @@ pub fn registry(pools: &BTreeMap<String, Arc<Pool>>, cache: &CompileCache) -> Re
             s.idle.clone(),
         );
         sub.register(
+            "units_started",
+            "Units of work that took a slot",
+            s.started.clone(),
+        );
+        sub.register(
             "units_succeeded",
             "Units of work that completed",
             s.succeeded.clone(),

@@ -183,6 +183,8 @@ struct Scale {
 /// (where [`crate::metrics`] registers them with a `process` label).
 #[derive(Clone)]
 pub struct Stats {
+    /// Units that started (took a slot).
+    pub started: Counter,
     /// Units that ran to completion.
     pub succeeded: Counter,
     /// Units that failed, by `reason`: trap, timeout, fuel, memory, instantiate, no-response.
@@ -214,6 +216,7 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
+            started: Counter::default(),
             succeeded: Counter::default(),
             failed: Family::default(),
             rejected: Counter::default(),
@@ -694,6 +697,7 @@ impl Pool {
             return Err(Failure::Instantiate("no slot".into()));
         };
         let generation = self.current().generation;
+        self.stats.started.inc();
         self.stats.busy.inc();
         let warm = match slot.warm.take() {
             Some(warm) if warm.generation == generation => Ok(warm),

@@ -374,58 +374,42 @@ impl Process {
         let before = problems.0.len();
         let kind = *self.kind.get_ref();
         let kind_span = self.kind.span();
-        let only =
-            |applies: Kind, key: &str, span: Option<Range<usize>>, problems: &mut Problems| {
-                if kind != applies
-                    && let Some(span) = span
-                {
-                    problems.at(
-                        span,
-                        format!(
-                            "`{key}` applies to {applies} process types only; `{name}` is a {kind}"
-                        ),
-                    );
-                }
-            };
-        only(
-            Kind::Web,
-            "routes",
-            self.routes
-                .as_ref()
-                .and_then(|r| r.first())
-                .map(|r| r.span()),
-            problems,
-        );
-        only(
-            Kind::Web,
-            "backlog",
-            self.backlog.as_ref().map(|b| b.span()),
-            problems,
-        );
-        only(
-            Kind::Worker,
-            "queue",
-            self.queue.as_ref().map(|q| q.span()),
-            problems,
-        );
-        only(
-            Kind::Worker,
-            "retry",
-            self.retry.as_ref().map(|r| r.span()),
-            problems,
-        );
-        only(
-            Kind::Clock,
-            "schedule",
-            self.schedule.as_ref().map(|s| s.span()),
-            problems,
-        );
-        only(
-            Kind::Clock,
-            "timezone",
-            self.timezone.as_ref().map(|t| t.span()),
-            problems,
-        );
+        let routes_span = self
+            .routes
+            .as_ref()
+            .and_then(|r| r.first())
+            .map(|r| r.span());
+        for (applies, key, span) in [
+            (Kind::Web, "routes", routes_span),
+            (
+                Kind::Web,
+                "backlog",
+                self.backlog.as_ref().map(|b| b.span()),
+            ),
+            (Kind::Worker, "queue", self.queue.as_ref().map(|q| q.span())),
+            (Kind::Worker, "retry", self.retry.as_ref().map(|r| r.span())),
+            (
+                Kind::Clock,
+                "schedule",
+                self.schedule.as_ref().map(|s| s.span()),
+            ),
+            (
+                Kind::Clock,
+                "timezone",
+                self.timezone.as_ref().map(|t| t.span()),
+            ),
+        ] {
+            if kind != applies
+                && let Some(span) = span
+            {
+                problems.at(
+                    span,
+                    format!(
+                        "`{key}` applies to {applies} process types only; `{name}` is a {kind}"
+                    ),
+                );
+            }
+        }
 
         let queue = match (&self.queue, kind) {
             (Some(queue), Kind::Worker) => {

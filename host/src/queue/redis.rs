@@ -76,24 +76,6 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
-/// Appends the commands that settle a lease: acknowledge the entry and
-/// delete it from the stream.
-fn settle<'p>(
-    pipe: &'p mut redis::Pipeline,
-    key: &str,
-    delivery: &Delivery,
-) -> &'p mut redis::Pipeline {
-    pipe.cmd("XACK")
-        .arg(key)
-        .arg(GROUP)
-        .arg(&delivery.lease)
-        .ignore()
-        .cmd("XDEL")
-        .arg(key)
-        .arg(&delivery.lease)
-        .ignore()
-}
-
 fn stream(queue: &str) -> String {
     format!("wasmproc:q:{queue}")
 }
@@ -173,6 +155,31 @@ impl Redis {
             headers: payload.headers,
             lease: entry.id.clone(),
         })
+    }
+
+    /// Runs `pipe` (the commands that go with settling, if any) atomically
+    /// together with settling the lease: acknowledge the entry, delete it.
+    async fn settle(
+        &self,
+        mut pipe: redis::Pipeline,
+        delivery: &Delivery,
+    ) -> Result<(), QueueError> {
+        let key = stream(&delivery.queue);
+        let () = pipe
+            .atomic()
+            .cmd("XACK")
+            .arg(&key)
+            .arg(GROUP)
+            .arg(&delivery.lease)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&key)
+            .arg(&delivery.lease)
+            .ignore()
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     fn pack(delivery: &Delivery, deliveries: u32) -> Result<Vec<u8>, QueueError> {
@@ -315,20 +322,14 @@ impl Backend for Redis {
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        let key = stream(&delivery.queue);
-        let () = settle(redis::pipe().atomic(), &key, delivery)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.settle(redis::pipe(), delivery).await
     }
 
     async fn retry(&self, delivery: &Delivery, delay: Duration) -> Result<(), QueueError> {
         let key = stream(&delivery.queue);
         let packed = Self::pack(delivery, delivery.attempt)?;
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
+        pipe.cmd("HSET")
             .arg(format!("{key}:payload"))
             .arg(&delivery.id)
             .arg(packed)
@@ -338,19 +339,14 @@ impl Backend for Redis {
             .arg(now_ms() + ms(delay))
             .arg(&delivery.id)
             .ignore();
-        let () = settle(&mut pipe, &key, delivery)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.settle(pipe, delivery).await
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
         let key = stream(&delivery.queue);
         let packed = Self::pack(delivery, delivery.attempt)?;
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("XADD")
+        pipe.cmd("XADD")
             .arg(format!("{key}:dead"))
             .arg("*")
             .arg("mid")
@@ -362,11 +358,7 @@ impl Backend for Redis {
             .arg("at")
             .arg(now_ms())
             .ignore();
-        let () = settle(&mut pipe, &key, delivery)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.settle(pipe, delivery).await
     }
 
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, QueueError> {

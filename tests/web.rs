@@ -288,6 +288,53 @@ fn request_bodies_over_the_limit_get_413() {
 }
 
 #[test]
+fn large_bodies_stream_in_and_out_while_the_guest_runs() {
+    // 4 MiB is far more than hyper or the guest's streams buffer: the
+    // request body streams in while the guest reads it, and the answer
+    // streams out while the guest still writes it.
+    let host = Host::start(&testbed("limits = { body = \"8MiB\" }"));
+    let body: Vec<u8> = (0..4usize << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    let reply = host.request("POST", "/echo", None, Some(&body));
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), body.len());
+    assert!(
+        reply.body.as_bytes() == body.as_slice(),
+        "echoed body differs"
+    );
+}
+
+#[test]
+fn a_unit_whose_client_hangs_up_still_runs_to_its_end() {
+    use std::io::Write as _;
+    let mut host = Host::start(&testbed(""));
+    let mut client = std::net::TcpStream::connect(&host.addr).unwrap();
+    client
+        .write_all(b"GET /sleep?ms=300 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    host.wait_for_log("sleeping 300 ms");
+    drop(client);
+    // The unit is not cut short: it ends (its answer has nowhere to go, so
+    // the guest's write fails), it is counted, and its slot is free again.
+    let ended = [
+        "wasmproc_unit_duration_seconds_count{process=\"testbed\"} 1",
+        "wasmproc_instances_busy{process=\"testbed\"} 0",
+    ];
+    let start = std::time::Instant::now();
+    loop {
+        let metrics = request(&host.admin, "GET", "/metrics", None, None).body;
+        if ended.iter().all(|e| metrics.lines().any(|l| l == *e)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < common::DEADLINE,
+            "the unit never ended:\n{metrics}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(host.get("/whoami").status, 200);
+}
+
+#[test]
 fn listen_reads_port_from_the_environment() {
     let formation = "[http]\nlisten = \"127.0.0.1:${PORT:-8080}\"\n[process.web]\nkind = \"web\"\ncomponent = \"{hello}\"\n";
     let host = Host::start_with(formation, &common::shared_cache(), &[("PORT", "0")]);

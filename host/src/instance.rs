@@ -78,14 +78,14 @@ impl InstanceState {
             http: WasiHttpCtx::new(),
             hooks: OutboundPolicy {
                 instance: instance.clone(),
-                allowed: process.allow_outbound.clone().into(),
+                allowed: process.allow_outbound.clone(),
             },
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
             deadline: Instant::now(),
             instance: instance.clone(),
             queues: queues.cloned(),
-            may_enqueue: process.enqueue.clone().into(),
+            may_enqueue: process.enqueue.clone(),
         }
     }
 }

@@ -19,6 +19,16 @@
 //! cost microseconds, so isolation is the default. `reuse = N` keeps an
 //! instance warm in its slot for up to N units, one at a time, then retires it.
 //!
+//! # Where a unit runs
+//!
+//! An HTTP unit runs on its connection's task, not a task of its own: a
+//! guest that answers and ends within one poll (most do) costs no spawn and
+//! no cross-thread wake-up. Once the guest has answered, hyper must send the
+//! answer while the guest may still write its body, so whatever is left of
+//! the unit moves to a task of its own ([`Detached`]). A started unit always
+//! runs to its end, even when its client hangs up: its instance is settled
+//! and counted like any other.
+//!
 //! # Failure
 //!
 //! A unit fails when its guest traps (a Rust panic is a trap), runs past
@@ -39,7 +49,10 @@
 //!
 //! [`EPOCH_TICK`]: crate::engine::EPOCH_TICK
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::Poll;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -844,21 +857,38 @@ impl Pool {
         };
         let name = slot.name.clone();
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
-        let (sender, receiver) = oneshot::channel();
+        let uri = request.uri().clone();
+        let (sender, mut receiver) = oneshot::channel();
         let pool = self.clone();
-        let unit = tokio::spawn(async move {
+        // The unit runs on this connection's task until the guest answers;
+        // a guest still streaming its body then goes on in a task of its
+        // own while hyper sends what it writes. Most units end before the
+        // answer is even read, and cost no task, no wake-up, no other thread.
+        let mut unit = Detached(Some(Box::pin(async move {
             let outcome = pool.run_request(&mut lease, request, sender).await;
             drop(lease);
             outcome
-        });
-        let failure = match receiver.await {
-            Ok(Ok(response)) => return response,
-            Ok(Err(code)) => Failure::Trap(format!("guest answered with error {code:?}")),
-            Err(_) => match unit.await {
-                Ok(Ok(())) => Failure::NoResponse,
-                Ok(Err(failure)) => failure,
-                Err(join) => Failure::Trap(format!("unit task failed: {join}")),
+        })));
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(outcome) = unit.poll_unit(cx) {
+                return Poll::Ready(Err(outcome));
+            }
+            Pin::new(&mut receiver).poll(cx).map(Ok)
+        })
+        .await;
+        let failure = match first {
+            // Answered while running: the rest of the unit detaches.
+            Ok(Ok(Ok(response))) => return response,
+            Ok(Ok(Err(code))) => Failure::Trap(format!("guest answered with error {code:?}")),
+            // The guest dropped its answer unsent: the unit's end says why.
+            Ok(Err(_)) => std::future::poll_fn(|cx| unit.poll_unit(cx))
+                .await
+                .err()
+                .unwrap_or(Failure::NoResponse),
+            Err(outcome) => match receiver.try_recv() {
+                Ok(Ok(response)) => return response,
+                Ok(Err(code)) => Failure::Trap(format!("guest answered with error {code:?}")),
+                Err(_) => outcome.err().unwrap_or(Failure::NoResponse),
             },
         };
         let detail = match &failure {
@@ -868,7 +898,7 @@ impl Pool {
         tracing::warn!(
             instance = %name,
             http.method = %method,
-            url.path = %path,
+            url.path = %uri.path(),
             reason = failure.reason(),
             "request failed ({}); instance discarded{}{detail}",
             failure.reason(),
@@ -924,6 +954,37 @@ pub async fn prewarm_parallel(pool: &Arc<Pool>) -> usize {
         created += task.await.unwrap_or(0);
     }
     created
+}
+
+/// A unit of work started on a connection's task. If it is dropped before
+/// it ends (the answer went out while the guest still streams its body, or
+/// the client went away), the unit goes on in a task of its own: a started
+/// unit always runs to its end, so its instance is settled and counted.
+struct Detached(Option<UnitFuture>);
+
+/// A unit of work in flight, boxed so it can move to a task of its own.
+type UnitFuture = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;
+
+impl Detached {
+    /// Polls the unit; once it has ended, it is gone and reads as `Ok`.
+    fn poll_unit(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Failure>> {
+        let Some(running) = self.0.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let outcome = std::task::ready!(running.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(outcome)
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(unit) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(unit);
+        }
+    }
 }
 
 /// Names the failure behind a wasmtime error.

@@ -26,6 +26,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -249,10 +250,11 @@ pub struct ProcessType {
     /// wasmproc documents: `WASMPROC_PROCESS`, `WASMPROC_INSTANCE`).
     pub env: Vec<(String, String)>,
     /// Hosts (`host` or `host:port`, or `*` for any) the guest may send
-    /// outbound HTTP requests to. Empty: none.
-    pub allow_outbound: Vec<String>,
+    /// outbound HTTP requests to. Empty: none. Shared by every instance.
+    pub allow_outbound: Arc<[String]>,
     /// Queues the guest may enqueue onto (each consumed by some worker).
-    pub enqueue: Vec<String>,
+    /// Shared by every instance.
+    pub enqueue: Arc<[String]>,
     /// The queue a worker consumes.
     pub queue: Option<String>,
     /// How a worker retries failed messages.

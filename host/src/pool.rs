@@ -25,7 +25,7 @@
 //! guest that answers and ends within one poll (most do) costs no spawn and
 //! no cross-thread wake-up. Once the guest has answered, hyper must send the
 //! answer while the guest may still write its body, so whatever is left of
-//! the unit moves to a task of its own ([`Detached`]). A started unit always
+//! the unit moves to a task of its own (`Detached`). A started unit always
 //! runs to its end, even when its client hangs up: its instance is settled
 //! and counted like any other.
 //!

@@ -47,6 +47,8 @@ until grep -q "$((N - 1)) \`web\` instances live in" "$work/log"; do sleep 0.05;
 t1=$(ms)
 echo "scale 1 → $N: $((t1 - t0)) ms ($(grep -o "[0-9]* \`web\` instances live in [0-9]* ms" "$work/log" | tail -1))"
 echo "at scale $N: $(status)"
+rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+echo "target: $N live instances under 4 GiB RSS, scaled in under 10 s: $(( rss_kib / 1024 )) MiB, $((t1 - t0)) ms, $([ "$rss_kib" -lt $((4 << 20)) ] && [ $((t1 - t0)) -lt 10000 ] && echo met || echo "not met")"
 "$wasmproc" ps -f "$work/formation.toml"
 python3 - "$addr" "$SAMPLE" <<'PY'
 import sys, threading, urllib.request

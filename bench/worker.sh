@@ -15,7 +15,7 @@ args=()
 if command -v redis-server >/dev/null; then
   dir=$(mktemp -d)
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" >/dev/null &
+  redis-server --port "$port" --bind 127.0.0.1 --databases 256 --save "" --appendonly no --dir "$dir" >/dev/null &
   redis_pid=$!
   trap 'kill $redis_pid 2>/dev/null; rm -rf "$dir"' EXIT
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.05; done

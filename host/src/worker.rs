@@ -2,8 +2,11 @@
 //! instances and settles each one by what its instance said.
 //!
 //! Invariants:
-//! - a message is leased only when a slot is free to run it, so every lease
-//!   this host holds is being worked on; the queue itself is the backlog;
+//! - messages are leased only for free slots, plus a bounded number ahead
+//!   of them (`Prefetch`: from the pool's scale up to [`MAX_AHEAD`],
+//!   adapting to how fast units run); a message leased ahead that waited a
+//!   whole timeout is given back instead of run, so every unit starts with
+//!   more than a timeout left on its lease;
 //! - the lease lasts [`visibility`] (twice the type's timeout, plus a
 //!   second), longer than any unit may run, so a live host never loses a
 //!   lease it is still using;
@@ -14,7 +17,7 @@
 //! - on shutdown the loop stops leasing and the pool drains.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -52,11 +55,11 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
     let Some(queue) = process.queue.clone() else {
         return;
     };
-    let visibility = visibility(process.limits.timeout);
+    let timeout = process.limits.timeout;
+    let visibility = visibility(timeout);
     let backend = queues.backend().clone();
-    // Messages leased ahead of a free slot, at most `scale` of them, so a
-    // slot that frees up finds work without a round trip to the queue.
-    let mut prefetched: std::collections::VecDeque<Delivery> = std::collections::VecDeque::new();
+    let mut prefetch = Prefetch::default();
+    let mut stale = Vec::new();
     loop {
         let first = tokio::select! {
             lease = pool.lease_wait() => lease,
@@ -67,11 +70,10 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
         while let Some(more) = pool.try_lease() {
             leases.push(more);
         }
-        let ahead = pool.scale() as usize;
-        if prefetched.len() < leases.len() {
-            let want = leases.len() + ahead - prefetched.len();
+        let want = prefetch.wanted(leases.len(), pool.scale() as usize, timeout);
+        if want > 0 {
             match backend.lease(&queue, want, visibility).await {
-                Ok(deliveries) => prefetched.extend(deliveries),
+                Ok(deliveries) => prefetch.fill(deliveries, Instant::now()),
                 Err(e) => {
                     tracing::warn!(process = %process.name, %queue, "cannot lease messages: {e}");
                     drop(leases);
@@ -80,31 +82,114 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
                 }
             }
         }
-        if prefetched.is_empty() {
-            drop(leases);
-            tokio::select! {
-                () = backend.wait(&queue, IDLE_WAIT) => {}
-                _ = shutdown.wait_for(|stop| *stop) => break,
-            }
-            continue;
-        }
+        // A free slot that finds no message means the queue is empty.
+        let mut idle = false;
+        let now = Instant::now();
         for lease in leases {
-            let Some(delivery) = prefetched.pop_front() else {
+            let Some(delivery) = prefetch.take(timeout, now, &mut stale) else {
+                idle = true;
                 break;
             };
             let pool = pool.clone();
             let queues = queues.clone();
             tokio::spawn(async move { run(&pool, &queues, lease, delivery).await });
         }
+        for delivery in stale.drain(..) {
+            release(&backend, &delivery, "waited a timeout since it was leased").await;
+        }
+        if idle {
+            tokio::select! {
+                () = backend.wait(&queue, IDLE_WAIT) => {}
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+        }
     }
     // Give back what was leased ahead, so another consumer need not wait
     // for the leases to expire.
-    for delivery in prefetched {
-        if let Err(e) = backend.retry(&delivery, Duration::ZERO).await {
-            tracing::warn!(queue = %delivery.queue, message.id = %delivery.id, "cannot release a prefetched message: {e}");
-        }
+    for delivery in prefetch.drain() {
+        release(&backend, &delivery, "leased ahead at shutdown").await;
     }
     tracing::info!(process = %process.name, %queue, "worker stopped leasing messages");
+}
+
+/// Gives a leased message back to its queue, due at once.
+async fn release(backend: &Arc<dyn crate::queue::Backend>, delivery: &Delivery, why: &str) {
+    match backend.retry(delivery, Duration::ZERO).await {
+        Ok(()) => {
+            tracing::debug!(queue = %delivery.queue, message.id = %delivery.id, "message given back: {why}")
+        }
+        Err(e) => {
+            tracing::warn!(queue = %delivery.queue, message.id = %delivery.id, "cannot give back a message ({why}): {e}")
+        }
+    }
+}
+
+/// Most messages a worker loop leases ahead of its free slots.
+pub const MAX_AHEAD: usize = 256;
+
+/// Messages leased ahead of free slots, so a slot that frees up finds work
+/// without a round trip to the queue — and so one lease call serves many
+/// units (with fast units, leasing one message per unit makes the queue's
+/// transactions, not the guests, the bottleneck).
+///
+/// How far ahead adapts: it starts at the pool's scale and doubles (up to
+/// [`MAX_AHEAD`]) each time the loop runs out while no message it ran had
+/// waited a quarter of the timeout since its lease; it halves for every
+/// message that waited a whole timeout. Such a message is not run but given back (it
+/// counts as a delivery), so every unit starts with more than a timeout
+/// left on its lease (which lasts twice the timeout plus a second) and no
+/// message runs twice at once.
+#[derive(Default)]
+struct Prefetch {
+    leased: std::collections::VecDeque<(Delivery, Instant)>,
+    ahead: usize,
+    longest_wait: Duration,
+}
+
+impl Prefetch {
+    /// How many messages to lease now for `free` free slots of `scale`:
+    /// none while enough are leased already.
+    fn wanted(&mut self, free: usize, scale: usize, timeout: Duration) -> usize {
+        if self.leased.len() >= free {
+            return 0;
+        }
+        if self.longest_wait < timeout / 4 {
+            self.ahead = (self.ahead * 2).min(MAX_AHEAD);
+        }
+        self.ahead = self.ahead.max(scale);
+        self.longest_wait = Duration::ZERO;
+        free + self.ahead - self.leased.len()
+    }
+
+    /// Adds `deliveries`, leased at `now`.
+    fn fill(&mut self, deliveries: Vec<Delivery>, now: Instant) {
+        self.leased.extend(deliveries.into_iter().map(|d| (d, now)));
+    }
+
+    /// The next message fit to run at `now`; those that waited a timeout
+    /// since their lease go to `stale`.
+    fn take(
+        &mut self,
+        timeout: Duration,
+        now: Instant,
+        stale: &mut Vec<Delivery>,
+    ) -> Option<Delivery> {
+        while let Some((delivery, leased)) = self.leased.pop_front() {
+            let waited = now.saturating_duration_since(leased);
+            if waited >= timeout {
+                stale.push(delivery);
+                self.ahead /= 2;
+                continue;
+            }
+            self.longest_wait = self.longest_wait.max(waited);
+            return Some(delivery);
+        }
+        None
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Delivery> + '_ {
+        self.leased.drain(..).map(|(delivery, _)| delivery)
+    }
 }
 
 /// Runs one delivery and settles it.
@@ -207,6 +292,63 @@ fn round(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deliveries(n: usize) -> Vec<Delivery> {
+        (0..n)
+            .map(|i| Delivery {
+                queue: "q".into(),
+                id: i.to_string(),
+                attempt: 1,
+                body: Vec::new(),
+                content_type: None,
+                headers: Vec::new(),
+                lease: String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prefetch_grows_while_messages_run_soon_after_their_lease() {
+        let timeout = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut prefetch = Prefetch::default();
+        let mut stale = Vec::new();
+        let mut asked = Vec::new();
+        for _ in 0..12 {
+            let want = prefetch.wanted(2, 2, timeout);
+            asked.push(want);
+            prefetch.fill(deliveries(want), t0);
+            while prefetch.take(timeout, t0, &mut stale).is_some() {}
+        }
+        assert_eq!(asked[..3], [2 + 2, 2 + 4, 2 + 8]);
+        assert_eq!(asked.last(), Some(&(2 + MAX_AHEAD)));
+        assert!(stale.is_empty());
+        // Enough leased already: nothing more is asked for.
+        prefetch.fill(deliveries(5), t0);
+        assert_eq!(prefetch.wanted(2, 2, timeout), 0);
+    }
+
+    #[test]
+    fn prefetch_gives_back_what_waited_a_timeout_and_shrinks() {
+        let timeout = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut prefetch = Prefetch::default();
+        let mut stale = Vec::new();
+        for _ in 0..4 {
+            let want = prefetch.wanted(1, 1, timeout);
+            prefetch.fill(deliveries(want), t0);
+            while prefetch.take(timeout, t0, &mut stale).is_some() {}
+        }
+        let want = prefetch.wanted(1, 1, timeout);
+        assert_eq!(want, 1 + 16);
+        prefetch.fill(deliveries(want), t0);
+        // Slow units: the first runs at once, the rest waited too long.
+        assert!(prefetch.take(timeout, t0, &mut stale).is_some());
+        assert!(prefetch.take(timeout, t0 + timeout, &mut stale).is_none());
+        assert_eq!(stale.len(), 16);
+        // It shrank back to the scale.
+        assert_eq!(prefetch.wanted(1, 1, timeout), 1 + 1);
+    }
 
     #[test]
     fn backoff_doubles_within_bounds_with_jitter() {

@@ -51,7 +51,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::Poll;
 
 use prometheus_client::metrics::counter::Counter;
@@ -315,6 +315,9 @@ impl Supervisor {
 pub struct Pool {
     process: Arc<ProcessType>,
     deployment: std::sync::RwLock<Arc<Deployment>>,
+    /// The current deployment's generation, readable without the lock (a
+    /// warm instance's check on every unit).
+    generation: AtomicU64,
     queues: Option<Queues>,
     fuel_metered: bool,
     slots: Arc<Semaphore>,
@@ -401,6 +404,7 @@ impl Pool {
                 entry,
                 generation: 1,
             })),
+            generation: AtomicU64::new(1),
             process: Arc::new(process),
             queues,
             fuel_metered,
@@ -499,12 +503,13 @@ impl Pool {
         let mut current = self.deployment.write().unwrap_or_else(|p| p.into_inner());
         let generation = current.generation + 1;
         *current = Arc::new(Deployment { entry, generation });
+        self.generation.store(generation, Ordering::Release);
         Ok(generation)
     }
 
     /// The deployed component's generation: 1 at start, +1 per deploy.
     pub fn generation(&self) -> u64 {
-        self.current().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     fn current(&self) -> Arc<Deployment> {
@@ -545,7 +550,7 @@ impl Pool {
     /// `scale + backlog` requests are already in), then a slot (waiting at
     /// most the type's timeout).
     async fn lease(self: &Arc<Self>) -> Option<Lease> {
-        let bound = i64::from(self.scale()) + i64::from(self.process.backlog);
+        let bound = self.stats.scale.get() + i64::from(self.process.backlog);
         if self.stats.admitted.inc() >= bound {
             self.stats.admitted.dec();
             return None;
@@ -709,7 +714,7 @@ impl Pool {
         let Some(slot) = lease.slot.as_mut() else {
             return Err(Failure::Instantiate("no slot".into()));
         };
-        let generation = self.current().generation;
+        let generation = self.generation();
         self.stats.started.inc();
         self.stats.busy.inc();
         let warm = match slot.warm.take() {

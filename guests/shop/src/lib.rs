@@ -10,7 +10,9 @@
 mod web {
     use std::io::{Read as _, Write as _};
 
-    use wasip2::http::types::{Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam};
+    use wasip2::http::types::{
+        Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    };
 
     wasip2::http::proxy::export!(Shop);
     wasmproc_guest::producer!();
@@ -33,7 +35,11 @@ mod web {
         fn handle(request: IncomingRequest, out: ResponseOutparam) {
             let path = request.path_with_query().unwrap_or_default();
             if !(matches!(request.method(), Method::Post) && path == "/orders") {
-                return respond(out, 200, "POST an order to /orders, e.g. curl -d 'two espressos' http://127.0.0.1:8080/orders\n");
+                return respond(
+                    out,
+                    200,
+                    "POST an order to /orders, e.g. curl -d 'two espressos' http://127.0.0.1:8080/orders\n",
+                );
             }
             let mut order = Vec::new();
             if let Ok(body) = request.consume()
@@ -61,7 +67,11 @@ mod mailer {
             if order.trim().is_empty() {
                 return Outcome::Reject("empty order".into());
             }
-            println!("emailing the confirmation of order {}: {}", delivery.id, order.trim());
+            println!(
+                "emailing the confirmation of order {}: {}",
+                delivery.id,
+                order.trim()
+            );
             Outcome::Ok
         }
     }
@@ -75,7 +85,10 @@ mod report {
 
     impl Clock for Report {
         fn on_tick(tick: Tick) -> Result<(), String> {
-            println!("compiling the sales report due at {} ms", tick.scheduled_at_ms);
+            println!(
+                "compiling the sales report due at {} ms",
+                tick.scheduled_at_ms
+            );
             Ok(())
         }
     }

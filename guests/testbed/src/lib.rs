@@ -81,8 +81,12 @@ fn fetch(url: &str) -> String {
     let request = OutgoingRequest::new(Fields::new());
     request.set_method(&Method::Get).expect("GET is valid");
     request.set_scheme(Some(&scheme)).expect("scheme is valid");
-    request.set_authority(Some(authority)).expect("authority is valid");
-    request.set_path_with_query(Some(path)).expect("path is valid");
+    request
+        .set_authority(Some(authority))
+        .expect("authority is valid");
+    request
+        .set_path_with_query(Some(path))
+        .expect("path is valid");
     let body = request.body().expect("body is taken once");
     OutgoingBody::finish(body, None).expect("empty body");
     let future = match outgoing_handler::handle(request, None) {
@@ -166,7 +170,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                 respond(out, 200, b"logged\n");
             }
             "/whoami" => {
-                let ms: u64 = query_param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let ms: u64 = query_param(query, "ms")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 std::thread::sleep(std::time::Duration::from_millis(ms));
                 let me = std::env::var("WASMPROC_INSTANCE").unwrap_or_default();
                 respond(out, 200, format!("{me}\n").as_bytes());

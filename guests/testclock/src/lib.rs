@@ -10,9 +10,13 @@ impl Clock for TestClock {
     fn on_tick(tick: Tick) -> Result<(), String> {
         println!("tick {} scheduled={}", tick.schedule, tick.scheduled_at_ms);
         if let Ok(queue) = std::env::var("ENQUEUE") {
-            enqueue(&queue, format!("ok:tick-{}", tick.scheduled_at_ms)).map_err(|e| format!("{e:?}"))?;
+            enqueue(&queue, format!("ok:tick-{}", tick.scheduled_at_ms))
+                .map_err(|e| format!("{e:?}"))?;
         }
-        let sleep: u64 = std::env::var("SLEEP_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let sleep: u64 = std::env::var("SLEEP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         std::thread::sleep(std::time::Duration::from_millis(sleep));
         Ok(())
     }

@@ -152,6 +152,19 @@ fn a_trap_a_loop_and_a_memory_bomb_fail_alone_while_others_are_served() {
 }
 
 #[test]
+fn a_guest_waiting_on_the_host_past_its_timeout_is_stopped() {
+    // Epoch interruption only fires in wasm code: a guest asleep in a host
+    // call is stopped by the host-side timer, set up once the call waits.
+    // Without it the guest would sleep ten minutes, past the client's deadline.
+    let mut host = Host::start(&testbed("limits = { timeout = \"1s\" }"));
+    let reply = host.get("/sleep?ms=600000");
+    assert_eq!(reply.status, 504, "{reply:?}");
+    assert_eq!(reply.body, "`testbed` did not answer within 1s\n");
+    host.wait_for_log("request failed (timeout); instance discarded");
+    assert_eq!(host.get("/").status, 200);
+}
+
+#[test]
 fn a_fuel_budget_stops_a_spinning_guest() {
     let host = Host::start(&testbed("limits = { fuel = 50_000_000 }"));
     let reply = host.get("/loop");

@@ -297,6 +297,11 @@ impl Supervisor {
     }
 
     fn succeeded(&self, process: &str) {
+        // Read first: a write on every unit would bounce this cache line
+        // between the cores running units.
+        if self.failures_in_a_row.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let n = self.failures_in_a_row.swap(0, Ordering::Relaxed);
         if n >= CRASH_LOOP_THRESHOLD {
             tracing::info!(
@@ -555,13 +560,19 @@ impl Pool {
             self.stats.admitted.dec();
             return None;
         }
-        let wait = self.process.limits.timeout;
-        let permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await;
-        let Some(mut lease) = permit
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|p| self.lease_with(p))
-        else {
+        // A free slot is taken at once; only a unit that must wait for one
+        // sets up a timer.
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                let wait = self.process.limits.timeout;
+                tokio::time::timeout(wait, self.slots.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        };
+        let Some(mut lease) = permit.and_then(|p| self.lease_with(p)) else {
             self.stats.admitted.dec();
             return None;
         };
@@ -719,8 +730,10 @@ impl Pool {
         self.stats.busy.inc();
         let warm = match slot.warm.take() {
             Some(warm) if warm.generation == generation => Ok(warm),
-            // A deploy happened: the old instance retires.
-            _ => self.instantiate(&slot.name).await,
+            // A new instance (first unit, or a deploy retired the old one).
+            // Boxed: this path is the rare one with `reuse`, and inline its
+            // state would make every unit's future half as large again.
+            _ => Box::pin(self.instantiate(&slot.name)).await,
         };
         let mut warm = match warm {
             Ok(warm) => warm,
@@ -764,11 +777,12 @@ impl Pool {
         }
     }
 
-    /// How long a call may take before the host-side timer stops it: the
-    /// epoch deadline stops a guest that computes, this one a guest that
-    /// waits on the host (an outbound request, a sleep).
-    fn backstop(&self) -> Duration {
-        self.process.limits.timeout + EPOCH_TICK * 2
+    /// When the host-side timer stops an armed store's call: two epoch
+    /// ticks after its deadline. The epoch deadline stops a guest that
+    /// computes; this one a guest that waits on the host (an outbound
+    /// request, a sleep).
+    fn backstop(store: &Store<InstanceState>) -> Instant {
+        store.data().deadline + EPOCH_TICK * 2
     }
 
     /// Runs `call` on the lease's instance as one unit of work: checks the
@@ -781,13 +795,13 @@ impl Pool {
     ) -> Result<R, Failure> {
         let started = Instant::now();
         let mut warm = self.checkout(lease).await?;
-        let result =
-            match tokio::time::timeout(self.backstop(), call(&warm.exports, &mut warm.store)).await
-            {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(e)) => Err(classify(&e, warm.store.data())),
-                Err(_) => Err(Failure::Timeout),
-            };
+        let backstop = Self::backstop(&warm.store);
+        let call = call(&warm.exports, &mut warm.store);
+        let result = match within(backstop, call).await {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => Err(classify(&e, warm.store.data())),
+            None => Err(Failure::Timeout),
+        };
         self.checkin(lease, warm, result.as_ref().map(|_| ()), started);
         result
     }
@@ -959,6 +973,29 @@ pub async fn prewarm_parallel(pool: &Arc<Pool>) -> usize {
         created += task.await.unwrap_or(0);
     }
     created
+}
+
+/// Runs `future` until `deadline`; `None` if the deadline came first.
+///
+/// Unlike `tokio::time::timeout`, no timer exists until the future has
+/// returned `Pending` once: a unit that ends within its first poll (a warm
+/// instance answering a request) never touches the runtime's timer wheel.
+async fn within<F: Future>(deadline: Instant, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep_until(deadline.into())));
+        }
+        match timer.as_mut().as_pin_mut() {
+            Some(timer) => timer.poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// A unit of work started on a connection's task. If it is dropped before

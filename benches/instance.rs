@@ -4,7 +4,9 @@
 //! an instance kept alive (what `reuse = N` does). Each on one thread, with
 //! wasmproc's engine (pooling allocator sized from the formation) and with
 //! wasmtime's default engine (on-demand allocation, what `wasmtime serve`
-//! uses without `-O` options). Run with `bench/instance.sh`.
+//! uses without `-O` options). Run with `cargo bench --bench instance`
+//! (`bench/http.sh` runs it too); `HELLO=path.wasm` measures another build
+//! of the hello guest in its place.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -113,7 +115,10 @@ fn default_engine() -> Engine {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let hello = root.join("guests/target/wasm32-wasip2/release/hello.wasm");
+    let hello = std::env::var_os("HELLO").map_or_else(
+        || root.join("guests/target/wasm32-wasip2/release/hello.wasm"),
+        std::path::PathBuf::from,
+    );
     let text = format!(
         "[process.web]\nkind = \"web\"\ncomponent = \"{}\"\nscale = 64\n",
         hello.display()

@@ -4,6 +4,7 @@
 //! unchanged under `wasmtime serve`.
 
 use std::io::Write as _;
+use std::sync::OnceLock;
 
 use wasip2::http::types::{
     Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -15,7 +16,13 @@ struct Hello;
 
 impl wasip2::exports::http::incoming_handler::Guest for Hello {
     fn handle(_request: IncomingRequest, response_out: ResponseOutparam) {
-        let greeting = std::env::var("GREETING").unwrap_or_else(|_| "Hello".to_string());
+        // Read once per instance: with `reuse`, later requests skip the
+        // environment (a host call that copies every variable in).
+        static GREETING: OnceLock<String> = OnceLock::new();
+        let greeting = GREETING.get_or_init(|| {
+            let greeting = std::env::var("GREETING").unwrap_or_else(|_| "Hello".to_string());
+            format!("{greeting} from wasmproc\n")
+        });
         let headers = Fields::from_list(&[(
             "content-type".to_string(),
             b"text/plain; charset=utf-8".to_vec(),
@@ -25,7 +32,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
         let body = response.body().expect("body is taken once");
         ResponseOutparam::set(response_out, Ok(response));
         let mut out = body.write().expect("stream is taken once");
-        out.write_all(format!("{greeting} from wasmproc\n").as_bytes())
+        out.write_all(greeting.as_bytes())
             .expect("write response body");
         out.flush().expect("flush response body");
         drop(out);

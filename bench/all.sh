@@ -3,7 +3,7 @@
 # and native hyper (bench/http.sh), worker throughput (bench/worker.sh),
 # start-up (bench/startup.sh) and density (bench/density.sh, which raises
 # vm.max_map_count and so needs root). Prints each script's figures, then
-# one line per target. Takes about 10 minutes on 2 cores.
+# one line per target. Takes about 13 minutes on 2 cores.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 log=$(mktemp)

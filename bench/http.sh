@@ -8,7 +8,7 @@
 # ratios against the targets, and the cost of one instance without the
 # network (benches/instance.rs).
 #
-#   bench/http.sh                # 3 rounds of wrk -t2 -c64 -d10s per server
+#   bench/http.sh                # 5 rounds of wrk -t2 -c64 -d10s per server
 #   ROUNDS=5 DURATION=5s CONNECTIONS=32 bench/http.sh
 #
 # Needs wrk (apt-get install wrk). Installs wasmtime-cli 48.0.8 with cargo into
@@ -19,7 +19,7 @@ cd "$root"
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 BENCH_CACHE=${BENCH_CACHE:-$HOME/.cache/wasmproc-bench}
 WASMTIME_VERSION=48.0.8
 work=$(mktemp -d)

@@ -15,8 +15,8 @@ struct Hello;
 
 impl wasip2::exports::http::incoming_handler::Guest for Hello {
     fn handle(_request: IncomingRequest, response_out: ResponseOutparam) {
-        // Read once per instance: with `reuse`, later requests skip the
-        // environment (a host call that copies every variable in).
+        // Made once per instance: with `reuse`, later requests skip looking
+        // the variable up and formatting the greeting.
         static GREETING: OnceLock<String> = OnceLock::new();
         let greeting = GREETING.get_or_init(|| {
             let greeting = std::env::var("GREETING").unwrap_or_else(|_| "Hello".to_string());

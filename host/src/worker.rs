@@ -135,10 +135,10 @@ pub const MAX_AHEAD: usize = 256;
 /// How far ahead adapts: it starts at the pool's scale and doubles (up to
 /// [`MAX_AHEAD`]) each time the loop runs out while no message it ran had
 /// waited a quarter of the timeout since its lease; it halves for every
-/// message that waited a whole timeout. Such a message is not run but given back (it
-/// counts as a delivery), so every unit starts with more than a timeout
-/// left on its lease (which lasts twice the timeout plus a second) and no
-/// message runs twice at once.
+/// message that waited a whole timeout. Such a message is not run but given
+/// back (it counts as a delivery), so every unit starts with more than a
+/// timeout left on its lease (which lasts twice the timeout plus a second)
+/// and no message runs twice at once.
 #[derive(Default)]
 struct Prefetch {
     leased: std::collections::VecDeque<(Delivery, Instant)>,

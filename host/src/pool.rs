@@ -980,20 +980,19 @@ pub async fn prewarm_parallel(pool: &Arc<Pool>) -> usize {
 /// Unlike `tokio::time::timeout`, no timer exists until the future has
 /// returned `Pending` once: a unit that ends within its first poll (a warm
 /// instance answering a request) never touches the runtime's timer wheel.
+/// A unit that waits pays one allocation for its timer.
 async fn within<F: Future>(deadline: Instant, future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
-    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep_until(deadline.into())));
-        }
-        match timer.as_mut().as_pin_mut() {
-            Some(timer) => timer.poll(cx).map(|()| None),
-            None => Poll::Pending,
-        }
+        timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())))
+            .as_mut()
+            .poll(cx)
+            .map(|()| None)
     })
     .await
 }

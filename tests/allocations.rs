@@ -22,6 +22,7 @@ use wasmproc::engine::{CompileCache, EpochTicker};
 use wasmproc::formation::Formation;
 use wasmproc::http::PoolRouter;
 use wasmproc::router::Router;
+use wasmproc::run::KindPool;
 
 /// Counts allocations (and reallocations, which may move) process-wide.
 struct Counting;
@@ -75,9 +76,11 @@ fn allocations_per_request(reuse: u32) -> u64 {
     let cache = CompileCache::new(common::shared_cache());
     let prepared = wasmproc::run::prepare(&formation, &cache, None).unwrap();
     let _ticker = EpochTicker::start(&prepared.engine).unwrap();
-    let pool = prepared.pools[0].clone();
+    let KindPool::Web(pool) = prepared.pools[0].clone() else {
+        panic!("the formation has one web type");
+    };
     let routes = pool
-        .process()
+        .role()
         .routes
         .iter()
         .map(|r| (r.clone(), pool.clone()))

@@ -23,6 +23,7 @@
 //! written to `.wasmproc/admin.addr` beside the formation, where the CLI
 //! (`wasmproc enqueue`, `wasmproc dlq`) finds it.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::host::{ChangeError, Host};
+use crate::control::{ChangeError, Control, ScaleChange};
 use crate::queue::{NewMessage, QueueError, Queues};
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -84,25 +85,37 @@ fn queue_error(e: &QueueError) -> AdminResponse {
     let status = match e {
         QueueError::UnknownQueue(_) => StatusCode::NOT_FOUND,
         QueueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        QueueError::Full | QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e)
 }
 
-fn query<'a>(uri: &'a http::Uri, name: &str) -> Option<&'a str> {
-    uri.query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+/// The percent-decoded value of the query parameter `name`.
+fn query(uri: &http::Uri, name: &str) -> Option<String> {
+    form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The request path's segments, percent-decoded.
+fn segments(uri: &http::Uri) -> Vec<Cow<'_, str>> {
+    uri.path()
+        .trim_matches('/')
+        .split('/')
+        .map(|segment| percent_encoding::percent_decode_str(segment).decode_utf8_lossy())
+        .collect()
 }
 
 async fn handle(
-    host: &Host,
+    control: &Control,
     token: Option<&str>,
     request: http::Request<hyper::body::Incoming>,
 ) -> AdminResponse {
-    let path: Vec<&str> = request.uri().path().trim_matches('/').split('/').collect();
+    let uri = request.uri().clone();
+    let segments = segments(&uri);
+    let path: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
     let method = request.method().clone();
-    let queues = host.queues();
+    let queues = control.queues();
     let authorized = token.is_none_or(|token| {
         request
             .headers()
@@ -114,7 +127,7 @@ async fn handle(
     match (method, path.as_slice()) {
         (Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (Method::GET, ["readyz"]) => {
-            if host.ready() {
+            if control.ready() {
                 Response::new(Full::new(Bytes::from_static(b"ready\n")))
             } else {
                 error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
@@ -123,7 +136,7 @@ async fn handle(
         _ if !authorized => error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
         (Method::GET, ["metrics"]) => {
             let mut response = Response::new(Full::new(Bytes::from(crate::metrics::encode(
-                host.registry(),
+                control.registry(),
             ))));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -131,14 +144,15 @@ async fn handle(
             );
             response
         }
-        (Method::GET, ["ps"]) => json(StatusCode::OK, &serde_json::json!(host.ps().await)),
+        (Method::GET, ["ps"]) => json(StatusCode::OK, &serde_json::json!(control.ps().await)),
         (Method::POST, ["scale"]) => {
             let text = match body(request, 64 << 10).await {
                 Ok(b) => String::from_utf8_lossy(&b).into_owned(),
                 Err(response) => return response,
             };
-            let changes: Vec<String> = text.split_whitespace().map(String::from).collect();
-            match host.scale_all(&changes) {
+            let changes: Result<Vec<ScaleChange>, ChangeError> =
+                text.split_whitespace().map(str::parse).collect();
+            match changes.and_then(|changes| control.scale_all(&changes)) {
                 Ok(scales) => json(StatusCode::OK, &serde_json::json!(scales)),
                 Err(e) => change_error(&e),
             }
@@ -150,7 +164,7 @@ async fn handle(
                 Err(response) => return response,
             };
             // Compiling takes a while: keep it off the async workers.
-            match tokio::task::block_in_place(|| host.deploy(&name, &bytes)) {
+            match tokio::task::block_in_place(|| control.deploy(&name, &bytes)) {
                 Ok(generation) => json(
                     StatusCode::OK,
                     &serde_json::json!({ "process": name, "generation": generation }),
@@ -181,7 +195,7 @@ async fn handle(
                     }
                 }
                 (Method::POST, ["dead-letters", "replay"]) => {
-                    let ids: Vec<String> = query(request.uri(), "ids")
+                    let ids: Vec<String> = query(&uri, "ids")
                         .map(|ids| {
                             ids.split(',')
                                 .filter(|s| !s.is_empty())
@@ -206,7 +220,7 @@ async fn enqueue(
     queue: &str,
     request: http::Request<hyper::body::Incoming>,
 ) -> AdminResponse {
-    let delay = match query(request.uri(), "delay").map(humantime::parse_duration) {
+    let delay = match query(request.uri(), "delay").map(|d| humantime::parse_duration(&d)) {
         None => Default::default(),
         Some(Ok(d)) => d,
         Some(Err(e)) => {
@@ -262,34 +276,24 @@ async fn enqueue(
 /// `token`, every request but the probes must carry it as a bearer token.
 pub async fn serve(
     listener: TcpListener,
-    host: Arc<Host>,
+    control: Arc<Control>,
     token: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) {
     let token: Arc<Option<String>> = Arc::new(token);
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("admin accept failed: {e}");
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let host = host.clone();
+    crate::accept::accept_until(&listener, shutdown, "admin API", |stream, _| {
+        let control = control.clone();
         let token = token.clone();
         let service = service_fn(move |request| {
-            let host = host.clone();
+            let control = control.clone();
             let token = token.clone();
-            async move { Ok::<_, Infallible>(handle(&host, token.as_deref(), request).await) }
+            async move { Ok::<_, Infallible>(handle(&control, token.as_deref(), request).await) }
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
+    })
+    .await;
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::formation::Kind;
-use crate::host::Host;
+use crate::control::Control;
+use crate::formation::Role;
 
 /// How often load is sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -33,7 +33,7 @@ const MESSAGES_PER_INSTANCE: u64 = 4;
 const AGE_TARGET: Duration = Duration::from_secs(5);
 
 /// Samples and autoscales until `shutdown` turns true.
-pub async fn run(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
     let mut ticks = tokio::time::interval(SAMPLE_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut low_since: HashMap<String, Instant> = HashMap::new();
@@ -43,38 +43,39 @@ pub async fn run(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
             _ = ticks.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
-        host.sample_rates(last.elapsed());
+        control.sample_rates(last.elapsed());
         last = Instant::now();
-        for (name, pool) in host.pools() {
+        for (name, pool) in control.pools() {
             let process = pool.process();
             let scale = pool.scale();
             let busy = pool.busy();
-            pool.stats
+            let stats = pool.stats();
+            stats
                 .idle
                 .set(i64::from(scale) - i64::try_from(busy).unwrap_or(0));
             let (mut depth, mut age) = (0, None);
-            if let (Some(queue), Some(queues)) = (&process.queue, host.queues()) {
+            if let (Some(queue), Some(queues)) = (process.queue(), control.queues()) {
                 depth = queues.backend().depth(queue).await.unwrap_or(0);
                 age = queues.backend().oldest_age(queue).await.ok().flatten();
-                pool.stats
+                stats
                     .queue_depth
                     .set(i64::try_from(depth).unwrap_or(i64::MAX));
-                pool.stats
+                stats
                     .queue_age_seconds
                     .set(age.map_or(0.0, |a| a.as_secs_f64()));
             }
             let Some(bounds) = process.autoscale else {
                 continue;
             };
-            let (signal, wanted) = match process.kind {
-                Kind::Web => {
-                    let load = u64::try_from(pool.stats.admitted.get()).unwrap_or(0);
+            let (signal, wanted) = match process.role {
+                Role::Web(_) => {
+                    let load = u64::try_from(stats.admitted.get()).unwrap_or(0);
                     (
                         format!("in-flight {load}"),
                         (load as f64 / WEB_TARGET_UTILIZATION).ceil() as u64,
                     )
                 }
-                Kind::Worker => {
+                Role::Worker(_) => {
                     let mut wanted = depth.div_ceil(MESSAGES_PER_INSTANCE);
                     if age.is_some_and(|a| a > AGE_TARGET) {
                         wanted = wanted.max(u64::from(scale) + 1);
@@ -85,19 +86,19 @@ pub async fn run(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
                     );
                     (format!("queue depth {depth}, oldest {age}"), wanted)
                 }
-                Kind::Clock => continue,
+                Role::Clock(_) => continue,
             };
             let target = u32::try_from(wanted)
                 .unwrap_or(u32::MAX)
                 .clamp(bounds.min, bounds.max);
             if target > scale {
                 low_since.remove(name);
-                decide(&host, name, scale, target, &signal, "up");
+                decide(&control, name, scale, target, &signal, "up");
             } else if target < scale {
                 let since = *low_since.entry(name.clone()).or_insert_with(Instant::now);
                 if since.elapsed() >= bounds.cooldown {
                     low_since.remove(name);
-                    decide(&host, name, scale, target, &signal, "down");
+                    decide(&control, name, scale, target, &signal, "down");
                 }
             } else {
                 low_since.remove(name);
@@ -106,8 +107,8 @@ pub async fn run(host: Arc<Host>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-fn decide(host: &Host, name: &str, old: u32, new: u32, signal: &str, direction: &str) {
-    match host.scale(name, new) {
+fn decide(control: &Control, name: &str, old: u32, new: u32, signal: &str, direction: &str) {
+    match control.scale(name, new) {
         Ok(_) => tracing::info!(
             process = name,
             old,

@@ -1,89 +1,228 @@
-//! The CLI's side of the admin API: finds a running host and calls it.
+//! The CLI's side of the admin API: finds a running host and calls it
+//! through one typed wrapper, [`AdminClient`], whose methods mirror the
+//! admin routes and return what they answer, decoded.
 //!
 //! A host writes its admin address to `.wasmproc/admin.addr` beside its
-//! formation; `--admin ADDR` overrides that.
+//! formation; `--admin ADDR` overrides that. Every path segment and query
+//! value the client builds is percent-encoded, so a value such as a delay
+//! of `1m 30s` reaches the host as written.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
+use http::Method;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::de::DeserializeOwned;
 
-/// The admin address of the host running `formation`, or `explicit`.
-pub fn admin_address(explicit: Option<&str>, formation: &Path) -> anyhow::Result<String> {
-    if let Some(addr) = explicit {
-        return Ok(addr
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string());
-    }
-    let dir = formation
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file = dir.join(".wasmproc").join("admin.addr");
-    std::fs::read_to_string(&file)
-        .map(|s| s.trim().to_string())
-        .with_context(|| {
+use crate::control::ProcessStatus;
+
+/// Characters left as they are in a path segment (RFC 3986 unreserved).
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// A running host's admin API.
+pub struct AdminClient {
+    addr: String,
+}
+
+impl AdminClient {
+    /// The admin API of the host running `formation`, or at `explicit`.
+    pub fn find(explicit: Option<&str>, formation: &Path) -> anyhow::Result<AdminClient> {
+        if let Some(addr) = explicit {
+            let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+            return Ok(AdminClient { addr: addr.into() });
+        }
+        let dir = formation
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file = dir.join(".wasmproc").join("admin.addr");
+        let addr = std::fs::read_to_string(&file).with_context(|| {
             format!(
                 "no running host found for `{}` (cannot read `{}`); start one with `wasmproc run`, or pass `--admin ADDR`",
                 formation.display(),
                 file.display()
             )
+        })?;
+        Ok(AdminClient {
+            addr: addr.trim().to_string(),
         })
+    }
+
+    /// `POST /queues/Q/messages`: enqueues `body`; returns the message id.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+        delay: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut path = format!("/queues/{}/messages", segment(queue));
+        if let Some(delay) = delay {
+            path.push('?');
+            path.push_str(&query(&[("delay", delay)]));
+        }
+        #[derive(serde::Deserialize)]
+        struct Enqueued {
+            id: String,
+        }
+        let enqueued: Enqueued = self.call(Method::POST, &path, body, content_type).await?;
+        Ok(enqueued.id)
+    }
+
+    /// `GET /queues/Q/dead-letters`: the dead letters, as the host wrote them.
+    pub async fn dead_letters(&self, queue: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let path = format!("/queues/{}/dead-letters", segment(queue));
+        self.call(Method::GET, &path, Vec::new(), None).await
+    }
+
+    /// `POST /queues/Q/dead-letters/replay`: moves the dead letters `ids`
+    /// (all when empty) back onto the queue; returns how many.
+    pub async fn replay(&self, queue: &str, ids: &[String]) -> anyhow::Result<u64> {
+        let path = format!(
+            "/queues/{}/dead-letters/replay?{}",
+            segment(queue),
+            query(&[("ids", &ids.join(","))])
+        );
+        #[derive(serde::Deserialize)]
+        struct Replayed {
+            replayed: u64,
+        }
+        let replayed: Replayed = self.call(Method::POST, &path, Vec::new(), None).await?;
+        Ok(replayed.replayed)
+    }
+
+    /// `GET /ps`: the process types.
+    pub async fn ps(&self) -> anyhow::Result<Vec<ProcessStatus>> {
+        self.call(Method::GET, "/ps", Vec::new(), None).await
+    }
+
+    /// `POST /scale`: applies `changes` (`web=3 mailer+1`), all or none;
+    /// returns the new scale of each type named.
+    pub async fn scale(&self, changes: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
+        let body = changes.join(" ").into_bytes();
+        self.call(Method::POST, "/scale", body, None).await
+    }
+
+    /// `POST /deploy/TYPE`: swaps in the component `bytes`; returns its
+    /// generation.
+    pub async fn deploy(&self, process: &str, bytes: Vec<u8>) -> anyhow::Result<u64> {
+        let path = format!("/deploy/{}", segment(process));
+        #[derive(serde::Deserialize)]
+        struct Deployed {
+            generation: u64,
+        }
+        let deployed: Deployed = self
+            .call(Method::POST, &path, bytes, Some("application/wasm"))
+            .await?;
+        Ok(deployed.generation)
+    }
+
+    /// Sends one request; fails with the host's message unless it succeeded;
+    /// decodes the JSON answer.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> anyhow::Result<T> {
+        let addr = &self.addr;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot reach the admin API at {addr}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, addr);
+        if let Some(ct) = content_type {
+            request = request.header(http::header::CONTENT_TYPE, ct);
+        }
+        if let Ok(token) = std::env::var(crate::formation::DEFAULT_TOKEN_ENV)
+            && !token.trim().is_empty()
+        {
+            request = request.header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            );
+        }
+        let response = sender
+            .send_request(request.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        if !status.is_success() {
+            bail!("{}", error_text(&text));
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("the admin API answered `{path}` with unexpected JSON"))
+    }
 }
 
-/// Sends one request to the admin API at `addr`; returns status and body.
-pub async fn call(
-    addr: &str,
-    method: http::Method,
-    path: &str,
-    body: Vec<u8>,
-    content_type: Option<&str>,
-) -> anyhow::Result<(http::StatusCode, String)> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach the admin API at {addr}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, addr);
-    if let Some(ct) = content_type {
-        request = request.header(http::header::CONTENT_TYPE, ct);
-    }
-    if let Ok(token) = std::env::var(crate::formation::DEFAULT_TOKEN_ENV)
-        && !token.trim().is_empty()
-    {
-        request = request.header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", token.trim()),
-        );
-    }
-    let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body)))?)
-        .await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+/// A path segment, percent-encoded.
+fn segment(text: &str) -> String {
+    utf8_percent_encode(text, SEGMENT).to_string()
+}
+
+/// A query string, percent-encoded.
+fn query(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 /// The `error` field of an admin error body, or the body itself.
-pub fn error_text(body: &str) -> String {
+fn error_text(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("error")?.as_str().map(String::from))
         .unwrap_or_else(|| body.trim().to_string())
 }
 
-/// Fails with the admin API's message unless `status` is a success.
-pub fn check(status: http::StatusCode, body: &str) -> anyhow::Result<()> {
-    if status.is_success() {
-        Ok(())
-    } else {
-        bail!("{}", error_text(body))
+/// `wasmproc ps`'s table.
+pub fn ps_table(rows: &[ProcessStatus]) -> String {
+    let mut out = format!(
+        "{:<16} {:<7} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>4}\n",
+        "TYPE", "KIND", "SCALE", "BUSY", "IDLE", "UNITS/S", "RESTARTS", "QUEUE", "GEN"
+    );
+    for r in rows {
+        let scale = match (r.min, r.max) {
+            (Some(min), Some(max)) => format!("{} ({min}..{max})", r.scale),
+            _ => r.scale.to_string(),
+        };
+        let queue = r
+            .queue_depth
+            .map_or_else(|| "-".to_string(), |d| d.to_string());
+        let _ = writeln!(
+            out,
+            "{:<16} {:<7} {:>9} {:>6} {:>6} {:>9.1} {:>9} {:>8} {:>4}",
+            r.name, r.kind, scale, r.busy, r.idle, r.rate, r.restarts, queue, r.generation
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_and_queries_are_percent_encoded() {
+        assert_eq!(segment("my-web_1"), "my-web_1");
+        assert_eq!(segment("a/b c"), "a%2Fb%20c");
+        assert_eq!(query(&[("delay", "1m 30s")]), "delay=1m+30s");
+        assert_eq!(query(&[("ids", "a,b")]), "ids=a%2Cb");
     }
 }

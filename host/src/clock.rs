@@ -15,14 +15,47 @@ use chrono::Utc;
 use tokio::sync::watch;
 
 use crate::bindings::clock::exports::wasmproc::host::scheduled::Tick;
-use crate::pool::Pool;
+use crate::bindings::clock::{Clock, ClockPre};
+use crate::formation::ClockRole;
+use crate::pool::{Failure, Lease, Pool};
+
+/// The world clock components target: `wasmproc:host/clock`.
+pub struct ClockWorld;
+
+crate::pool::world!(ClockWorld, role: ClockRole, pre: ClockPre, exports: Clock,
+    requires: "`wasmproc:host/scheduled`: a clock must target the `wasmproc:host/clock` world");
+
+/// How a tick ended.
+enum Ticked {
+    /// The handler returned `ok`.
+    Done,
+    /// The handler returned an error; its instance is fine.
+    Errored(String),
+    /// The unit failed; its instance is discarded.
+    Failed(Failure),
+}
+
+/// Runs one tick in the lease's instance.
+async fn run_tick(lease: &mut Lease<ClockWorld>, tick: &Tick) -> Ticked {
+    let outcome = lease
+        .run(async |clock, store| {
+            clock
+                .wasmproc_host_scheduled()
+                .call_on_tick(store, tick)
+                .await
+        })
+        .await;
+    match outcome {
+        Ok(Ok(())) => Ticked::Done,
+        Ok(Err(message)) => Ticked::Errored(message),
+        Err(failure) => Ticked::Failed(failure),
+    }
+}
 
 /// Runs the pool's schedule until `shutdown` turns true.
-pub async fn schedule(pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>) {
+pub async fn schedule(pool: Arc<Pool<ClockWorld>>, mut shutdown: watch::Receiver<bool>) {
     let process = pool.process().clone();
-    let Some(clock) = process.schedule.clone() else {
-        return;
-    };
+    let clock = pool.role().clone();
     loop {
         let now = Utc::now().with_timezone(&clock.timezone);
         let Some(next) = clock.schedule.after(&now).next() else {
@@ -43,21 +76,20 @@ pub async fn schedule(pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>) {
             );
             continue;
         };
-        let pool = pool.clone();
         let schedule = process.name.clone();
         tokio::spawn(async move {
-            let instance = lease.instance();
+            let instance = lease.instance().clone();
             let tick = Tick {
                 schedule,
                 scheduled_at_ms,
             };
             tracing::info!(instance = %instance, scheduled = %next.to_rfc3339(), "tick");
-            match pool.run_tick(&mut lease, &tick).await {
-                Ok(Ok(())) => {}
-                Ok(Err(message)) => {
+            match run_tick(&mut lease, &tick).await {
+                Ticked::Done => {}
+                Ticked::Errored(message) => {
                     tracing::warn!(instance = %instance, "tick returned an error: {message}")
                 }
-                Err(failure) => tracing::warn!(
+                Ticked::Failed(failure) => tracing::warn!(
                     instance = %instance,
                     reason = failure.reason(),
                     "tick failed ({}); instance discarded",

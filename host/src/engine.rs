@@ -277,11 +277,6 @@ impl CompileCache {
         }
     }
 
-    /// The cache folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn key(engine: &Engine, bytes: &[u8]) -> String {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -337,6 +332,11 @@ fn deserialize(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
     // the engine's compatibility hash; wasmtime still checks the header and
     // refuses artifacts built for another engine configuration.
     unsafe { Component::deserialize_file(engine, path) }.map_err(anyhow::Error::from)
+}
+
+/// The SHA-256 of a component's bytes.
+pub fn digest(bytes: &[u8]) -> Vec<u8> {
+    Sha256::digest(bytes).to_vec()
 }
 
 /// Reads a component file, with a message that names it.

@@ -121,7 +121,6 @@ impl queue::Host for InstanceState {
             }
             Err(QueueError::UnknownQueue(q)) => Err(queue::EnqueueError::UnknownQueue(q)),
             Err(QueueError::TooLarge { limit, .. }) => Err(queue::EnqueueError::TooLarge(limit)),
-            Err(QueueError::Full) => Err(queue::EnqueueError::QueueFull),
             Err(QueueError::Unavailable(why)) => {
                 tracing::warn!(instance = %self.instance, queue = %name, "enqueue failed: {why}");
                 Err(queue::EnqueueError::Unavailable(why))

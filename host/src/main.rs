@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use wasmproc::client;
+use wasmproc::client::{self, AdminClient};
 use wasmproc::engine::CompileCache;
 use wasmproc::formation::{Formation, FormationErrors};
 use wasmproc::run::{self, Refused};
@@ -83,6 +83,12 @@ struct HostArgs {
     /// The admin API address (`127.0.0.1:PORT`), instead of `--formation`.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+}
+
+impl HostArgs {
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        AdminClient::find(self.admin.as_deref(), &self.formation)
+    }
 }
 
 #[derive(Args)]
@@ -166,19 +172,44 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn execute(command: Command) -> anyhow::Result<()> {
-    let (args, serve) = match command {
-        Command::Run(args) => (args, true),
-        Command::Check(args) => (args, false),
-        Command::Enqueue(args) => return runtime()?.block_on(enqueue(args)),
-        Command::Dlq { action } => return runtime()?.block_on(dlq(action)),
-        Command::Ps { host, json } => return runtime()?.block_on(ps(host, json)),
-        Command::Scale { host, changes } => return runtime()?.block_on(scale(host, changes)),
+    match command {
+        Command::Run(args) => serve_or_check(args, true),
+        Command::Check(args) => serve_or_check(args, false),
+        Command::Enqueue(args) => runtime()?.block_on(enqueue(args)),
+        Command::Dlq { action } => runtime()?.block_on(dlq(action)),
+        Command::Ps { host, json } => runtime()?.block_on(async {
+            let rows = host.client()?.ps().await?;
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                print!("{}", client::ps_table(&rows));
+            }
+            Ok(())
+        }),
+        Command::Scale { host, changes } => runtime()?.block_on(async {
+            for (name, n) in host.client()?.scale(&changes).await? {
+                println!("{name}={n}");
+            }
+            Ok(())
+        }),
         Command::Deploy {
             host,
             process,
             component,
-        } => return runtime()?.block_on(deploy(host, process, component)),
-    };
+        } => runtime()?.block_on(async {
+            let bytes = read(&component)?;
+            let generation = host.client()?.deploy(&process, bytes).await?;
+            println!(
+                "deployed `{}` to `{process}` (generation {generation})",
+                component.display()
+            );
+            Ok(())
+        }),
+    }
+}
+
+/// `wasmproc run` (`serve`) or `wasmproc check`.
+fn serve_or_check(args: FormationArgs, serve: bool) -> anyhow::Result<()> {
     let formation = Formation::load(&args.formation, |name| std::env::var(name).ok())?;
     if args.build {
         run::build(&formation)?;
@@ -189,25 +220,27 @@ fn execute(command: Command) -> anyhow::Result<()> {
             .unwrap_or_else(|| run::default_cache_dir(&formation)),
     );
     if serve {
-        runtime()?.block_on(run::run(formation, cache))
-    } else {
-        run::prepare(&formation, &cache, None)?;
-        let names: Vec<String> = formation
-            .processes
-            .iter()
-            .map(|p| format!("{} ({}, scale {})", p.name, p.kind, p.scale))
-            .collect();
-        println!("{}: ok: {}", formation.path.display(), names.join(", "));
-        Ok(())
+        return runtime()?.block_on(run::run(formation, cache));
     }
+    run::prepare(&formation, &cache, None)?;
+    let names: Vec<String> = formation
+        .processes
+        .iter()
+        .map(|p| format!("{} ({}, scale {})", p.name, p.kind(), p.scale))
+        .collect();
+    println!("{}: ok: {}", formation.path.display(), names.join(", "));
+    Ok(())
+}
+
+/// Reads a file the user named, with a message that names it.
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", path.display()))
 }
 
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     use std::io::Read as _;
-    let addr = client::admin_address(args.host.admin.as_deref(), &args.host.formation)?;
     let body = match (&args.file, args.body.as_deref()) {
-        (Some(file), _) => std::fs::read(file)
-            .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?,
+        (Some(file), _) => read(file)?,
         (None, Some(body)) if body != "-" => body.as_bytes().to_vec(),
         (None, _) => {
             let mut body = Vec::new();
@@ -215,23 +248,16 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
             body
         }
     };
-    let mut path = format!("/queues/{}/messages", args.queue);
-    if let Some(delay) = &args.delay {
-        path.push_str(&format!("?delay={delay}"));
-    }
-    let (status, text) = client::call(
-        &addr,
-        http::Method::POST,
-        &path,
-        body,
-        args.content_type.as_deref(),
-    )
-    .await?;
-    client::check(status, &text)?;
-    let id = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("id")?.as_str().map(String::from))
-        .unwrap_or(text);
+    let id = args
+        .host
+        .client()?
+        .enqueue(
+            &args.queue,
+            body,
+            args.content_type.as_deref(),
+            args.delay.as_deref(),
+        )
+        .await?;
     println!("{id}");
     Ok(())
 }
@@ -239,94 +265,14 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
 async fn dlq(action: DlqAction) -> anyhow::Result<()> {
     match action {
         DlqAction::List { host, queue } => {
-            let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
-            let path = format!("/queues/{queue}/dead-letters");
-            let (status, text) =
-                client::call(&addr, http::Method::GET, &path, Vec::new(), None).await?;
-            client::check(status, &text)?;
-            let letters: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-            for letter in letters {
+            for letter in host.client()?.dead_letters(&queue).await? {
                 println!("{letter}");
             }
         }
         DlqAction::Replay { host, queue, ids } => {
-            let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
-            let path = format!("/queues/{queue}/dead-letters/replay?ids={}", ids.join(","));
-            let (status, text) =
-                client::call(&addr, http::Method::POST, &path, Vec::new(), None).await?;
-            client::check(status, &text)?;
-            let n = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v.get("replayed")?.as_u64())
-                .unwrap_or(0);
+            let n = host.client()?.replay(&queue, &ids).await?;
             println!("replayed {n} message{}", if n == 1 { "" } else { "s" });
         }
     }
-    Ok(())
-}
-
-async fn ps(host: HostArgs, as_json: bool) -> anyhow::Result<()> {
-    let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
-    let (status, text) = client::call(&addr, http::Method::GET, "/ps", Vec::new(), None).await?;
-    client::check(status, &text)?;
-    if as_json {
-        println!("{text}");
-        return Ok(());
-    }
-    let rows: Vec<wasmproc::host::ProcessStatus> = serde_json::from_str(&text)?;
-    println!(
-        "{:<16} {:<7} {:>9} {:>6} {:>6} {:>9} {:>9} {:>8} {:>4}",
-        "TYPE", "KIND", "SCALE", "BUSY", "IDLE", "UNITS/S", "RESTARTS", "QUEUE", "GEN"
-    );
-    for r in rows {
-        let scale = match (r.min, r.max) {
-            (Some(min), Some(max)) => format!("{} ({min}..{max})", r.scale),
-            _ => r.scale.to_string(),
-        };
-        let queue = r
-            .queue_depth
-            .map_or_else(|| "-".to_string(), |d| d.to_string());
-        println!(
-            "{:<16} {:<7} {:>9} {:>6} {:>6} {:>9.1} {:>9} {:>8} {:>4}",
-            r.name, r.kind, scale, r.busy, r.idle, r.rate, r.restarts, queue, r.generation
-        );
-    }
-    Ok(())
-}
-
-async fn scale(host: HostArgs, changes: Vec<String>) -> anyhow::Result<()> {
-    let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
-    let body = changes.join(" ").into_bytes();
-    let (status, text) = client::call(&addr, http::Method::POST, "/scale", body, None).await?;
-    client::check(status, &text)?;
-    let scales: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text)?;
-    for (name, n) in scales {
-        println!("{name}={n}");
-    }
-    Ok(())
-}
-
-async fn deploy(host: HostArgs, process: String, component: PathBuf) -> anyhow::Result<()> {
-    let addr = client::admin_address(host.admin.as_deref(), &host.formation)?;
-    let bytes = std::fs::read(&component)
-        .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", component.display()))?;
-    let path = format!("/deploy/{process}");
-    let (status, text) = client::call(
-        &addr,
-        http::Method::POST,
-        &path,
-        bytes,
-        Some("application/wasm"),
-    )
-    .await?;
-    client::check(status, &text)?;
-    let generation = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("generation")?.as_u64())
-        .unwrap_or(0);
-    println!(
-        "deployed `{}` to `{process}` (generation {generation})",
-        component.display()
-    );
     Ok(())
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 
 use crate::engine::CompileCache;
-use crate::pool::Pool;
+use crate::pool::ProcessPool;
 
 /// Registers the metrics of every pool and of the compile cache.
-pub fn registry(pools: &BTreeMap<String, Arc<Pool>>, cache: &CompileCache) -> Registry {
+pub fn registry(pools: &BTreeMap<String, Arc<dyn ProcessPool>>, cache: &CompileCache) -> Registry {
     let mut registry = Registry::with_prefix("wasmproc");
     registry.register(
         "compile_cache_hits",
@@ -25,7 +25,7 @@ pub fn registry(pools: &BTreeMap<String, Arc<Pool>>, cache: &CompileCache) -> Re
     );
     for (name, pool) in pools {
         let sub = registry.sub_registry_with_label(("process".into(), name.clone().into()));
-        let s = &pool.stats;
+        let s = pool.stats();
         sub.register(
             "instances",
             "Instances (slots) of the process type",

@@ -18,13 +18,15 @@ use wasmtime::Engine;
 
 use tokio::sync::watch;
 
+use crate::clock::ClockWorld;
+use crate::control::Control;
 use crate::engine::{self, CacheOutcome, CompileCache, Demand, EpochTicker, Footprint};
-use crate::formation::{Formation, FormationError, Kind, ProcessType};
-use crate::host::Host;
-use crate::http::PoolRouter;
-use crate::pool::{Pool, required_export};
+use crate::formation::{Formation, FormationError, Kind, ProcessType, Role};
+use crate::http::{PoolRouter, ProxyWorld};
+use crate::pool::{Parts, Pool, ProcessPool, World};
 use crate::queue::Queues;
 use crate::router::Router;
+use crate::worker::WorkerWorld;
 use crate::{admin, autoscale, clock, instance, worker};
 
 /// A refusal to start that is the formation's fault (exit code 2), such as
@@ -69,6 +71,47 @@ pub fn build(formation: &Formation) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A prepared pool, typed by its kind, for the kind's front.
+#[derive(Clone)]
+pub enum KindPool {
+    /// A web type's pool.
+    Web(Arc<Pool<ProxyWorld>>),
+    /// A worker's pool.
+    Worker(Arc<Pool<WorkerWorld>>),
+    /// A clock's pool.
+    Clock(Arc<Pool<ClockWorld>>),
+}
+
+impl KindPool {
+    /// A pool of `process`'s kind.
+    fn new(process: &ProcessType, parts: &Parts<'_>) -> anyhow::Result<KindPool> {
+        let p = process.clone();
+        Ok(match &process.role {
+            Role::Web(web) => KindPool::Web(Arc::new(Pool::new(p, web.clone(), parts)?)),
+            Role::Worker(w) => KindPool::Worker(Arc::new(Pool::new(p, w.clone(), parts)?)),
+            Role::Clock(c) => KindPool::Clock(Arc::new(Pool::new(p, c.clone(), parts)?)),
+        })
+    }
+
+    /// The same pool, as the control plane sees every kind.
+    pub fn erased(&self) -> Arc<dyn ProcessPool> {
+        match self {
+            KindPool::Web(pool) => pool.clone(),
+            KindPool::Worker(pool) => pool.clone(),
+            KindPool::Clock(pool) => pool.clone(),
+        }
+    }
+}
+
+/// What a component of `kind` must export, for error messages.
+fn required_export(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Web => ProxyWorld::REQUIRED_EXPORT,
+        Kind::Worker => WorkerWorld::REQUIRED_EXPORT,
+        Kind::Clock => ClockWorld::REQUIRED_EXPORT,
+    }
+}
+
 /// Everything a host needs to serve: compiled, linked pools.
 pub struct Prepared {
     /// The engine all pools share.
@@ -78,7 +121,7 @@ pub struct Prepared {
     /// What one pool slot holds.
     pub slot: Footprint,
     /// One pool per process type, in formation order.
-    pub pools: Vec<Arc<Pool>>,
+    pub pools: Vec<KindPool>,
     /// The SHA-256 of each type's component, by name (a reload redeploys
     /// only what changed).
     pub digests: std::collections::BTreeMap<String, Vec<u8>>,
@@ -118,7 +161,7 @@ pub fn prepare(
     let slot = engine::slot_footprint(&demands);
     let digests = loaded
         .iter()
-        .map(|(p, bytes, _)| (p.name.clone(), digest(bytes)))
+        .map(|(p, bytes, _)| (p.name.clone(), engine::digest(bytes)))
         .collect();
     let fuel_metered = demands.iter().any(|d| d.fuel);
 
@@ -149,14 +192,14 @@ pub fn prepare(
                 continue;
             }
         };
-        match Pool::new(
-            process.clone(),
-            &component,
-            &linker,
+        let parts = Parts {
+            component: &component,
+            linker: &linker,
             fuel_metered,
-            queues.cloned(),
-        ) {
-            Ok(pool) => pools.push(Arc::new(pool)),
+            queues,
+        };
+        match KindPool::new(process, &parts) {
+            Ok(pool) => pools.push(pool),
             Err(e) => errors.push(at(link_error(process, &e))),
         }
     }
@@ -172,11 +215,6 @@ pub fn prepare(
     })
 }
 
-fn digest(bytes: &[u8]) -> Vec<u8> {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(bytes).to_vec()
-}
-
 /// Words a linking failure the way a user can act on.
 fn link_error(process: &ProcessType, error: &anyhow::Error) -> String {
     let component = process.component.display();
@@ -186,7 +224,7 @@ fn link_error(process: &ProcessType, error: &anyhow::Error) -> String {
     {
         format!(
             "`{component}` does not export {}",
-            required_export(process.kind)
+            required_export(process.kind())
         )
     } else {
         format!("`{component}` cannot be linked: {text}")
@@ -195,7 +233,7 @@ fn link_error(process: &ProcessType, error: &anyhow::Error) -> String {
 
 /// Whether the formation needs a queue backend: it has a worker.
 pub fn needs_queues(formation: &Formation) -> bool {
-    formation.processes.iter().any(|p| p.kind == Kind::Worker)
+    formation.processes.iter().any(|p| p.kind() == Kind::Worker)
 }
 
 /// Serves `formation` until SIGTERM or SIGINT.
@@ -217,10 +255,13 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     // Bind every socket before anything runs, so a taken port fails the start.
     let admin_listener = bind(formation.admin.listen, "the admin API").await?;
     let admin_addr = admin_listener.local_addr()?;
-    let web: Vec<&Arc<Pool>> = prepared
+    let web: Vec<&Arc<Pool<ProxyWorld>>> = prepared
         .pools
         .iter()
-        .filter(|p| p.process().kind == Kind::Web)
+        .filter_map(|p| match p {
+            KindPool::Web(pool) => Some(pool),
+            KindPool::Worker(_) | KindPool::Clock(_) => None,
+        })
         .collect();
     let http_listener = if web.is_empty() {
         None
@@ -232,23 +273,15 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let host = Arc::new(Host::new(
-        &prepared.pools,
-        prepared.engine.clone(),
-        prepared.linker.clone(),
-        cache.clone(),
-        formation.capacity,
-        prepared.slot,
-        queues.clone(),
-    ));
+    let control = Arc::new(Control::new(&prepared, &formation, cache, queues.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(admin::serve(
         admin_listener,
-        host.clone(),
+        control.clone(),
         formation.admin.token.clone(),
         until_stopped(stopped.clone()),
     ));
-    tasks.spawn(autoscale::run(host.clone(), stopped.clone()));
+    tasks.spawn(autoscale::run(control.clone(), stopped.clone()));
     let addr_file = formation.dir.join(".wasmproc").join("admin.addr");
     if let Err(e) = std::fs::create_dir_all(formation.dir.join(".wasmproc"))
         .and_then(|()| std::fs::write(&addr_file, admin_addr.to_string()))
@@ -258,48 +291,48 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
 
     for pool in &prepared.pools {
-        let p = pool.process();
-        let what = match p.kind {
-            Kind::Web => {
-                let routes: Vec<String> = p.routes.iter().map(ToString::to_string).collect();
+        let p = pool.erased();
+        let p = p.process();
+        let what = match &p.role {
+            Role::Web(web) => {
+                let routes: Vec<String> = web.routes.iter().map(ToString::to_string).collect();
                 format!("routes {}", routes.join(" "))
             }
-            Kind::Worker => format!("queue {}", p.queue.as_deref().unwrap_or("?")),
-            Kind::Clock => format!(
-                "schedule \"{}\" ({})",
-                p.schedule.as_ref().map_or("?", |s| s.expression.as_str()),
-                p.schedule.as_ref().map_or(chrono_tz::UTC, |s| s.timezone)
-            ),
+            Role::Worker(worker) => format!("queue {}", worker.queue),
+            Role::Clock(clock) => format!("schedule \"{}\" ({})", clock.expression, clock.timezone),
         };
         tracing::info!(
             process = %p.name,
             "process type `{}`: kind {}, scale {}, reuse {}, {what}",
             p.name,
-            p.kind,
+            p.kind(),
             p.scale,
             p.reuse
         );
-        match (p.kind, &queues) {
-            (Kind::Worker, Some(queues)) => {
+        match (pool, &queues) {
+            (KindPool::Worker(pool), Some(queues)) => {
                 tasks.spawn(worker::consume(
                     pool.clone(),
                     queues.clone(),
                     stopped.clone(),
                 ));
             }
-            (Kind::Clock, _) => {
+            (KindPool::Clock(pool), _) => {
                 tasks.spawn(clock::schedule(pool.clone(), stopped.clone()));
             }
-            _ => {}
+            (KindPool::Web(_) | KindPool::Worker(_), _) => {}
         }
     }
     if let Some(listener) = http_listener {
-        let mut routes = Vec::new();
-        for pool in &web {
-            for route in &pool.process().routes {
-                routes.push((route.clone(), (*pool).clone()));
-            }
-        }
+        let routes = web
+            .iter()
+            .flat_map(|pool| {
+                pool.role()
+                    .routes
+                    .iter()
+                    .map(|route| (route.clone(), (*pool).clone()))
+            })
+            .collect();
         let router: Arc<PoolRouter> = Arc::new(Router::new(routes));
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "listening on http://{bound}");
@@ -311,25 +344,24 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         ));
     }
 
-    for pool in &prepared.pools {
-        if pool.process().reuse > 1 {
+    for pool in control.pools().values() {
+        if pool.process().reuse.get() > 1 {
             let started = std::time::Instant::now();
-            let n = crate::pool::prewarm_parallel(pool).await;
+            let n = pool.clone().prewarm_parallel().await;
             tracing::info!(process = %pool.process().name, "{n} `{}` instances live in {} ms", pool.process().name, started.elapsed().as_millis());
         }
     }
-    host.set_ready(true);
+    control.set_ready(true);
     tracing::info!("ready: {} process types running", prepared.pools.len());
-    let mut digests = prepared.digests.clone();
     while let Signal::Reload = next_signal().await {
-        reload(&formation.path, &host, &mut digests);
+        control.reload(&formation.path);
     }
-    host.set_ready(false);
+    control.set_ready(false);
     let _ = stop.send(true);
     // The HTTP front drains its connections within the grace period; the
     // worker and clock loops stop taking work. Then every pool drains.
     let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    for pool in &prepared.pools {
+    for pool in control.pools().values() {
         if !pool.drain(grace).await {
             tracing::warn!(process = %pool.process().name, "grace period over: abandoning running units");
         }
@@ -401,59 +433,6 @@ async fn next_signal() -> Signal {
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("SIGINT received: shutting down");
             Signal::Stop
-        }
-    }
-}
-
-/// SIGHUP: reads the formation again; deploys every component whose bytes
-/// changed and applies every changed fixed `scale`. Anything that needs a
-/// restart (types added or removed, other settings) is logged and left.
-fn reload(
-    path: &std::path::Path,
-    host: &Host,
-    digests: &mut std::collections::BTreeMap<String, Vec<u8>>,
-) {
-    let formation = match Formation::load(path, |name| std::env::var(name).ok()) {
-        Ok(f) => f,
-        Err(errors) => {
-            tracing::error!("reload refused; the running formation stays:\n{errors}");
-            return;
-        }
-    };
-    for process in &formation.processes {
-        let Some(pool) = host.pools().get(&process.name) else {
-            tracing::warn!(process = %process.name, "reload: new process type `{}` needs a restart", process.name);
-            continue;
-        };
-        match engine::read_component(&process.component) {
-            Ok(bytes) => {
-                let new = digest(&bytes);
-                if digests.get(&process.name) != Some(&new) {
-                    match host.deploy(&process.name, &bytes) {
-                        Ok(_) => {
-                            digests.insert(process.name.clone(), new);
-                        }
-                        Err(e) => {
-                            tracing::error!(process = %process.name, "reload: deploy refused: {e}")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::error!(process = %process.name, "reload: {e:#}"),
-        }
-        if process.autoscale.is_none() && pool.scale() != process.scale {
-            let old = pool.scale();
-            match host.scale(&process.name, process.scale) {
-                Ok(_) => {
-                    tracing::info!(process = %process.name, old, new = process.scale, "reload: scaled `{}` from {old} to {}", process.name, process.scale)
-                }
-                Err(e) => tracing::error!(process = %process.name, "reload: {e}"),
-            }
-        }
-    }
-    for name in host.pools().keys() {
-        if !formation.processes.iter().any(|p| &p.name == name) {
-            tracing::warn!(process = %name, "reload: removing process type `{name}` needs a restart");
         }
     }
 }

@@ -22,9 +22,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::bindings::worker::exports::wasmproc::host::handler::{self, Outcome};
-use crate::formation::RetryPolicy;
-use crate::pool::{Lease, Pool};
-use crate::queue::{Delivery, Queues};
+use crate::bindings::worker::{Worker, WorkerPre};
+use crate::formation::{RetryPolicy, WorkerRole};
+use crate::pool::{Failure, Lease, Pool};
+use crate::queue::{Backend, Delivery, Queues};
+
+/// The world worker components target: `wasmproc:host/worker`.
+pub struct WorkerWorld;
+
+crate::pool::world!(WorkerWorld, role: WorkerRole, pre: WorkerPre, exports: Worker,
+    requires: "`wasmproc:host/handler`: a worker must target the `wasmproc:host/worker` world");
 
 /// How long an idle worker loop waits for a message before looking again
 /// (a local enqueue wakes it at once).
@@ -50,11 +57,13 @@ pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
 }
 
 /// Consumes the pool's queue until `shutdown` turns true.
-pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Receiver<bool>) {
+pub async fn consume(
+    pool: Arc<Pool<WorkerWorld>>,
+    queues: Queues,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let process = pool.process().clone();
-    let Some(queue) = process.queue.clone() else {
-        return;
-    };
+    let queue = pool.role().queue.clone();
     let timeout = process.limits.timeout;
     let visibility = visibility(timeout);
     let backend = queues.backend().clone();
@@ -62,7 +71,7 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
     let mut stale = Vec::new();
     loop {
         let first = tokio::select! {
-            lease = pool.lease_wait() => lease,
+            lease = pool.lease() => lease,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
         let Some(first) = first else { break };
@@ -113,7 +122,7 @@ pub async fn consume(pool: Arc<Pool>, queues: Queues, mut shutdown: watch::Recei
 }
 
 /// Gives a leased message back to its queue, due at once.
-async fn release(backend: &Arc<dyn crate::queue::Backend>, delivery: &Delivery, why: &str) {
+async fn release(backend: &Arc<dyn Backend>, delivery: &Delivery, why: &str) {
     match backend.retry(delivery, Duration::ZERO).await {
         Ok(()) => {
             tracing::debug!(queue = %delivery.queue, message.id = %delivery.id, "message given back: {why}")
@@ -192,10 +201,65 @@ impl Prefetch {
     }
 }
 
+/// What becomes of a delivery once its unit has ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    /// The handler returned `ok`: acknowledged, done.
+    Handled,
+    /// Delivered again after this delay: the handler asked for it, or the
+    /// unit failed with attempts left.
+    Retry(Duration),
+    /// Moved to the dead-letter queue, for this reason: the handler
+    /// rejected it, or it failed or asked to retry on its last attempt.
+    DeadLetter(String),
+}
+
+impl Verdict {
+    /// One word for logs.
+    fn word(&self) -> &'static str {
+        match self {
+            Verdict::Handled => "handled",
+            Verdict::Retry(_) => "retrying",
+            Verdict::DeadLetter(_) => "dead-lettered",
+        }
+    }
+}
+
+/// Decides what becomes of `delivery` after its unit ended with `outcome`,
+/// under `policy`. The handler decides whether a redelivery can help; a
+/// failed unit (trap, timeout, fuel, memory) counts as a retry.
+fn verdict(
+    outcome: &Result<Outcome, Failure>,
+    delivery: &Delivery,
+    policy: &RetryPolicy,
+) -> Verdict {
+    let last = delivery.attempt >= policy.attempts;
+    match outcome {
+        Ok(Outcome::Ok) => Verdict::Handled,
+        Ok(Outcome::Reject(reason)) => Verdict::DeadLetter(format!("rejected: {reason}")),
+        Ok(Outcome::Retry(_)) if last => Verdict::DeadLetter(format!(
+            "retries exhausted after {} attempts",
+            delivery.attempt
+        )),
+        Ok(Outcome::Retry(Some(ms))) => Verdict::Retry(Duration::from_millis(*ms)),
+        Ok(Outcome::Retry(None)) => Verdict::Retry(backoff(policy, delivery.attempt)),
+        Err(failure) if last => Verdict::DeadLetter(format!(
+            "{} on the last attempt ({})",
+            failure.reason(),
+            delivery.attempt
+        )),
+        Err(_) => Verdict::Retry(backoff(policy, delivery.attempt)),
+    }
+}
+
 /// Runs one delivery and settles it.
-async fn run(pool: &Pool, queues: &Queues, mut lease: Lease, delivery: Delivery) {
-    let process = pool.process();
-    let instance = lease.instance();
+async fn run(
+    pool: &Pool<WorkerWorld>,
+    queues: &Queues,
+    mut lease: Lease<WorkerWorld>,
+    delivery: Delivery,
+) {
+    let instance = lease.instance().clone();
     let message = handler::Delivery {
         queue: delivery.queue.clone(),
         id: delivery.id.clone(),
@@ -204,83 +268,61 @@ async fn run(pool: &Pool, queues: &Queues, mut lease: Lease, delivery: Delivery)
         content_type: delivery.content_type.clone(),
         headers: delivery.headers.clone(),
     };
-    let outcome = pool.run_message(&mut lease, &message).await;
+    let outcome = lease
+        .run(async |worker, store| {
+            worker
+                .wasmproc_host_handler()
+                .call_handle(store, &message)
+                .await
+        })
+        .await;
     drop(lease);
+    let verdict = verdict(&outcome, &delivery, &pool.role().retry);
     let backend = queues.backend();
-    let last = delivery.attempt >= process.retry.attempts;
-    let (verdict, settled) = match outcome {
-        Ok(Outcome::Ok) => ("handled", backend.ack(&delivery).await),
-        Ok(Outcome::Reject(reason)) => (
-            "rejected: dead-lettered",
-            backend
-                .dead_letter(&delivery, &format!("rejected: {reason}"))
-                .await,
-        ),
-        Ok(Outcome::Retry(_)) if last => (
-            "asked to retry on the last attempt: dead-lettered",
-            backend
-                .dead_letter(
-                    &delivery,
-                    &format!("retries exhausted after {} attempts", delivery.attempt),
-                )
-                .await,
-        ),
-        Ok(Outcome::Retry(after)) => {
-            let delay = after.map_or_else(
-                || backoff(&process.retry, delivery.attempt),
-                Duration::from_millis,
-            );
-            tracing::info!(
-                instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
-                attempt = delivery.attempt, "retry requested: redelivery in {}",
-                humantime::format_duration(round(delay))
-            );
-            ("retrying", backend.retry(&delivery, delay).await)
-        }
-        Err(failure) if last => {
-            let reason = format!(
-                "{} on the last attempt ({})",
-                failure.reason(),
-                delivery.attempt
-            );
-            tracing::warn!(
-                instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
-                attempt = delivery.attempt, reason = failure.reason(),
-                "message failed ({}); instance discarded; dead-lettered", failure.reason()
-            );
-            (
-                "dead-lettered",
-                backend.dead_letter(&delivery, &reason).await,
-            )
-        }
-        Err(failure) => {
-            let delay = backoff(&process.retry, delivery.attempt);
-            tracing::warn!(
-                instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
-                attempt = delivery.attempt, reason = failure.reason(),
-                "message failed ({}); instance discarded; redelivery in {}",
-                failure.reason(),
-                humantime::format_duration(round(delay))
-            );
-            ("retrying", backend.retry(&delivery, delay).await)
-        }
+    let settled = match &verdict {
+        Verdict::Handled => backend.ack(&delivery).await,
+        Verdict::Retry(delay) => backend.retry(&delivery, *delay).await,
+        Verdict::DeadLetter(reason) => backend.dead_letter(&delivery, reason).await,
     };
-    if settled.is_ok() && verdict.contains("dead-lettered") {
+    let failed = outcome.as_ref().err().map(Failure::reason);
+    if let Err(e) = settled {
+        tracing::error!(
+            instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
+            attempt = delivery.attempt, reason = failed,
+            "cannot settle the message ({}): {e}; it will be redelivered", verdict.word()
+        );
+        return;
+    }
+    if let Verdict::DeadLetter(_) = verdict {
         pool.stats.dead_lettered.inc();
     }
-    match settled {
-        Ok(()) if verdict == "handled" => tracing::debug!(
+    // Logged once settled, so a line says what has happened to the message.
+    match (&outcome, &verdict) {
+        (_, Verdict::Handled) => tracing::debug!(
             instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
             attempt = delivery.attempt, "message handled"
         ),
-        Ok(()) if verdict == "retrying" => {}
-        Ok(()) => tracing::warn!(
+        (Ok(_), Verdict::Retry(delay)) => tracing::info!(
             instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
-            attempt = delivery.attempt, "message {verdict}"
+            attempt = delivery.attempt, "retry requested: redelivery in {}",
+            humantime::format_duration(round(*delay))
         ),
-        Err(e) => tracing::error!(
+        (Err(failure), Verdict::Retry(delay)) => tracing::warn!(
             instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
-            attempt = delivery.attempt, "cannot settle the message ({verdict}): {e}; it will be redelivered"
+            attempt = delivery.attempt, reason = failure.reason(),
+            "message failed ({}); instance discarded; redelivery in {}",
+            failure.reason(),
+            humantime::format_duration(round(*delay))
+        ),
+        (Err(failure), Verdict::DeadLetter(_)) => tracing::warn!(
+            instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
+            attempt = delivery.attempt, reason = failure.reason(),
+            "message failed ({}); instance discarded; dead-lettered", failure.reason()
+        ),
+        (Ok(outcome), Verdict::DeadLetter(_)) => tracing::warn!(
+            instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
+            attempt = delivery.attempt, "message {}: dead-lettered",
+            if let Outcome::Reject(_) = outcome { "rejected" } else { "asked to retry on the last attempt" }
         ),
     }
 }
@@ -348,6 +390,42 @@ mod tests {
         assert_eq!(stale.len(), 16);
         // It shrank back to the scale.
         assert_eq!(prefetch.wanted(1, 1, timeout), 1 + 1);
+    }
+
+    #[test]
+    fn the_handler_decides_and_the_last_attempt_dead_letters() {
+        let policy = RetryPolicy {
+            attempts: 3,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(10),
+        };
+        let mut delivery = deliveries(1).remove(0);
+        let trap = Err(Failure::Trap("boom".into()));
+        assert_eq!(
+            verdict(&Ok(Outcome::Ok), &delivery, &policy),
+            Verdict::Handled
+        );
+        assert_eq!(
+            verdict(&Ok(Outcome::Retry(Some(50))), &delivery, &policy),
+            Verdict::Retry(Duration::from_millis(50))
+        );
+        assert_eq!(
+            verdict(&Ok(Outcome::Reject("bad".into())), &delivery, &policy),
+            Verdict::DeadLetter("rejected: bad".into())
+        );
+        assert!(matches!(
+            verdict(&trap, &delivery, &policy),
+            Verdict::Retry(d) if d <= Duration::from_secs(1)
+        ));
+        delivery.attempt = 3;
+        assert_eq!(
+            verdict(&Ok(Outcome::Retry(None)), &delivery, &policy),
+            Verdict::DeadLetter("retries exhausted after 3 attempts".into())
+        );
+        assert_eq!(
+            verdict(&trap, &delivery, &policy),
+            Verdict::DeadLetter("trap on the last attempt (3)".into())
+        );
     }
 
     #[test]

@@ -96,8 +96,31 @@ impl Host {
         Self::spawn(dir, &path, cache, env)
     }
 
+    /// Like [`Host::start`], with the host allowed at most `limit` open
+    /// files (through `prlimit`, which then runs it in its own process).
+    pub fn start_with_open_files(formation: &str, limit: u32) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("formation.toml");
+        std::fs::write(&path, expand(formation)).unwrap();
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_wasmproc"));
+        Self::spawn_command(command, dir, &path, &shared_cache(), &[])
+    }
+
     fn spawn(dir: tempfile::TempDir, path: &Path, cache: &Path, env: &[(&str, &str)]) -> Host {
-        let mut command = wasmproc();
+        Self::spawn_command(wasmproc(), dir, path, cache, env)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        dir: tempfile::TempDir,
+        path: &Path,
+        cache: &Path,
+        env: &[(&str, &str)],
+    ) -> Host {
         command
             .arg("run")
             .arg("--cache-dir")

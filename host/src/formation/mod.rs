@@ -24,6 +24,7 @@ mod values;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,8 +33,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
-
-pub use values::{ByteSize, HumanDuration, ScaleSpec};
 
 /// Where `[http] listen` binds when the formation does not say: every
 /// interface, on `$PORT` or 8080 (12-factor port binding).
@@ -45,7 +44,7 @@ pub const DEFAULT_SCALE: u32 = 1;
 /// The most instances one process type may ask for.
 pub const MAX_SCALE: u32 = 100_000;
 /// Units one instance serves before it is retired; 1 = a fresh instance per unit.
-pub const DEFAULT_REUSE: u32 = 1;
+pub const DEFAULT_REUSE: NonZeroU32 = NonZeroU32::MIN;
 /// Requests that may wait for a free instance, per process type, before 503.
 pub const DEFAULT_BACKLOG: u32 = 256;
 /// Largest backlog a process type may ask for.
@@ -186,26 +185,70 @@ impl Default for RetryPolicy {
     }
 }
 
-/// A clock's schedule.
-#[derive(Debug, Clone)]
-pub struct ClockSchedule {
+/// What a process type does, with the settings only its kind has. Decoded
+/// once, when the formation is read: a worker always has a queue, a clock
+/// always a schedule, and no other kind has either.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Role {
+    /// Serves `wasi:http/proxy`: HTTP requests are its units of work.
+    Web(WebRole),
+    /// Consumes a queue: messages are its units of work.
+    Worker(WorkerRole),
+    /// Runs on a schedule: ticks are its units of work.
+    Clock(ClockRole),
+}
+
+impl Role {
+    /// The kind this role belongs to.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Role::Web(_) => Kind::Web,
+            Role::Worker(_) => Kind::Worker,
+            Role::Clock(_) => Kind::Clock,
+        }
+    }
+}
+
+/// What only a web process type has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebRole {
+    /// The routes it serves (at least one).
+    pub routes: Vec<Route>,
+    /// Requests that may wait for a free instance before 503.
+    pub backlog: u32,
+}
+
+/// What only a worker has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRole {
+    /// The queue it consumes (no other worker consumes it).
+    pub queue: String,
+    /// How failed messages are retried.
+    pub retry: RetryPolicy,
+}
+
+/// What only a clock has: its schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClockRole {
     /// The cron expression as written (seconds first).
     pub expression: String,
-    /// The parsed expression.
-    pub schedule: cron::Schedule,
+    /// The parsed expression (boxed: it is ten times the size of the
+    /// other roles).
+    pub schedule: Box<cron::Schedule>,
     /// The timezone the expression is read in.
     pub timezone: chrono_tz::Tz,
 }
 
-/// What a process type does with its instances.
+/// The kinds of process type, for messages and for code that treats every
+/// kind alike but for a word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
-    /// Serves `wasi:http/proxy`: HTTP requests are its units of work.
+    /// Serves HTTP.
     Web,
-    /// Consumes a queue: messages are its units of work.
+    /// Consumes a queue.
     Worker,
-    /// Runs on a schedule: ticks are its units of work.
+    /// Runs on a schedule.
     Clock,
 }
 
@@ -225,8 +268,8 @@ pub struct ProcessType {
     /// The table's name: `web` in `[process.web]`, and the prefix of its
     /// instances' names (`web.1`, `web.2`, …).
     pub name: String,
-    /// What the process type does.
-    pub kind: Kind,
+    /// What the process type does, and the settings of its kind.
+    pub role: Role,
     /// The component file, absolute.
     pub component: PathBuf,
     /// Where `component = "…"` stands in the formation file.
@@ -234,16 +277,12 @@ pub struct ProcessType {
     /// The shell command `wasmproc run --build` runs (in the formation's
     /// folder) to produce the component.
     pub build: Option<String>,
-    /// HTTP routes (web only).
-    pub routes: Vec<Route>,
     /// Instances that may run units at once, at start.
     pub scale: u32,
     /// Autoscaling bounds, when `scale = { min, max }`.
     pub autoscale: Option<Autoscale>,
     /// Units an instance serves before it is retired (1 = fresh per unit).
-    pub reuse: u32,
-    /// Requests that may wait for a free instance before 503.
-    pub backlog: u32,
+    pub reuse: NonZeroU32,
     /// Resource limits per instance and per unit.
     pub limits: Limits,
     /// The only environment variables the guest sees (besides the ones
@@ -255,12 +294,31 @@ pub struct ProcessType {
     /// Queues the guest may enqueue onto (each consumed by some worker).
     /// Shared by every instance.
     pub enqueue: Arc<[String]>,
-    /// The queue a worker consumes.
-    pub queue: Option<String>,
-    /// How a worker retries failed messages.
-    pub retry: RetryPolicy,
-    /// When a clock ticks.
-    pub schedule: Option<ClockSchedule>,
+}
+
+impl ProcessType {
+    /// The process type's kind.
+    pub fn kind(&self) -> Kind {
+        self.role.kind()
+    }
+
+    /// The queue a worker consumes; `None` for other kinds.
+    pub fn queue(&self) -> Option<&str> {
+        match &self.role {
+            Role::Worker(worker) => Some(&worker.queue),
+            Role::Web(_) | Role::Clock(_) => None,
+        }
+    }
+
+    /// The fewest instances it runs: its fixed scale, or its autoscaling minimum.
+    pub fn min_scale(&self) -> u32 {
+        self.autoscale.map_or(self.scale, |a| a.min)
+    }
+
+    /// The most instances it may run: its fixed scale, or its autoscaling maximum.
+    pub fn max_scale(&self) -> u32 {
+        self.autoscale.map_or(self.scale, |a| a.max)
+    }
 }
 
 /// Limits of one process type.
@@ -534,7 +592,7 @@ impl Formation {
         };
         let most: u64 = processes
             .iter()
-            .map(|p| u64::from(p.process.autoscale.map_or(p.process.scale, |a| a.max)))
+            .map(|p| u64::from(p.process.max_scale()))
             .sum();
         let capacity = match capacity.flatten() {
             Some(c) => {
@@ -658,7 +716,10 @@ fn check_routes(processes: &[Located], problems: &mut Problems) {
         ..
     } in processes
     {
-        for (route, span) in process.routes.iter().zip(route_spans) {
+        let Role::Web(web) = &process.role else {
+            continue;
+        };
+        for (route, span) in web.routes.iter().zip(route_spans) {
             let key = route.to_string();
             match seen.get(key.as_str()) {
                 Some(owner) if *owner == process.name => problems.at(
@@ -684,7 +745,7 @@ fn check_routes(processes: &[Located], problems: &mut Problems) {
 fn check_queues(processes: &[Located], problems: &mut Problems) {
     let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
     for Located { process, .. } in processes {
-        if let Some(queue) = &process.queue
+        if let Some(queue) = process.queue()
             && let Some(other) = consumers.insert(queue, &process.name)
         {
             problems.0.push(FormationError {

@@ -141,18 +141,10 @@ pub(super) struct Queue {
 
 impl Queue {
     pub(super) fn validate(self, dir: &Path, problems: &mut Problems) -> QueueSettings {
-        let max_message = match checked(&self.max_message, problems) {
-            None => DEFAULT_MAX_MESSAGE,
-            Some((ByteSize(bytes), span)) => {
-                if !(1..=MAX_MAX_MESSAGE).contains(&bytes) {
-                    problems.at(
-                        span,
-                        format!("`max_message` is {bytes} bytes: expected from 1 byte to 64MiB"),
-                    );
-                }
-                bytes
-            }
-        };
+        let max_message = checked(&self.max_message, problems)
+            .map_or(DEFAULT_MAX_MESSAGE, |(size, span)| {
+                size_within(size, span, 1..=MAX_MAX_MESSAGE, "max_message", problems)
+            });
         let backend = self
             .backend
             .as_ref()
@@ -237,10 +229,9 @@ pub(super) struct Retry {
 impl Retry {
     fn validate(&self, problems: &mut Problems) -> RetryPolicy {
         let attempts = bounded(
-            &self.attempts,
+            self.attempts.as_ref(),
             DEFAULT_RETRY_ATTEMPTS,
-            1,
-            MAX_RETRY_ATTEMPTS,
+            1..=MAX_RETRY_ATTEMPTS,
             "retry.attempts",
             problems,
         );
@@ -340,31 +331,35 @@ fn checked<T: Copy>(
     }
 }
 
-/// Checks that an optional number lies in `min..=max`.
+/// Checks that an optional number lies in `bounds`; the message states
+/// them as the constants define them.
 fn bounded<T: Copy + PartialOrd + std::fmt::Display>(
-    value: &Option<Spanned<T>>,
+    value: Option<&Spanned<T>>,
     default: T,
-    min: T,
-    max: T,
+    bounds: std::ops::RangeInclusive<T>,
     what: &str,
     problems: &mut Problems,
 ) -> T {
-    match value {
-        None => default,
-        Some(v) => {
-            let n = *v.get_ref();
-            if n < min || n > max {
-                problems.at(
-                    v.span(),
-                    format!("`{what}` is {n}: expected a number from {min} to {max}"),
-                );
-            }
-            n
-        }
+    let Some(value) = value else {
+        return default;
+    };
+    let n = *value.get_ref();
+    if !bounds.contains(&n) {
+        problems.at(
+            value.span(),
+            format!(
+                "`{what}` is {n}: expected a number from {} to {}",
+                bounds.start(),
+                bounds.end()
+            ),
+        );
     }
+    n
 }
 
 impl Process {
+    /// Checks every rule of a `[process.NAME]` table, reporting each broken
+    /// one; `None` if any was.
     pub(super) fn validate(
         self,
         name: String,
@@ -373,133 +368,85 @@ impl Process {
     ) -> Option<Located> {
         let before = problems.0.len();
         let kind = *self.kind.get_ref();
-        let kind_span = self.kind.span();
-        let routes_span = self
-            .routes
-            .as_ref()
-            .and_then(|r| r.first())
-            .map(|r| r.span());
-        for (applies, key, span) in [
-            (Kind::Web, "routes", routes_span),
-            (
-                Kind::Web,
-                "backlog",
-                self.backlog.as_ref().map(|b| b.span()),
-            ),
-            (Kind::Worker, "queue", self.queue.as_ref().map(|q| q.span())),
-            (Kind::Worker, "retry", self.retry.as_ref().map(|r| r.span())),
-            (
-                Kind::Clock,
-                "schedule",
-                self.schedule.as_ref().map(|s| s.span()),
-            ),
-            (
-                Kind::Clock,
-                "timezone",
-                self.timezone.as_ref().map(|t| t.span()),
-            ),
+        self.keys_of_other_kinds(&name, kind, problems);
+        let component_span = self.component.span();
+        let component = component_path(&self.component, dir, problems);
+        let mut route_spans = Vec::new();
+        let role = match kind {
+            Kind::Web => self.web_role(&name, &component_span, &mut route_spans, problems),
+            Kind::Worker => self.worker_role(&name, problems),
+            Kind::Clock => self.clock_role(&name, problems),
+        };
+        let (scale, autoscale) = scale(self.scale.as_ref(), kind, problems);
+        let reuse = reuse(self.reuse.as_ref(), problems);
+        let limits = self.limits.validate(problems);
+        let env = environment(self.env, problems);
+        let allow_outbound = outbound_hosts(self.allow_outbound, problems);
+        let (enqueue, enqueue_spans) = self
+            .enqueue
+            .into_iter()
+            .map(|queue| (queue.get_ref().clone(), queue.span()))
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        if problems.0.len() != before {
+            return None;
+        }
+        Some(Located {
+            process: ProcessType {
+                name,
+                role: role?,
+                component,
+                component_span,
+                build: self.build,
+                scale,
+                autoscale,
+                reuse,
+                limits,
+                env,
+                allow_outbound: allow_outbound.into(),
+                enqueue: enqueue.into(),
+            },
+            route_spans,
+            enqueue_spans,
+        })
+    }
+
+    /// Keys that belong to another kind are errors that say which kind.
+    fn keys_of_other_kinds(&self, name: &str, kind: Kind, problems: &mut Problems) {
+        fn at<T>(value: &Option<Spanned<T>>) -> Option<Range<usize>> {
+            value.as_ref().map(Spanned::span)
+        }
+        let first_route = self.routes.as_ref().and_then(|r| r.first());
+        for (applies, key, at) in [
+            (Kind::Web, "routes", first_route.map(Spanned::span)),
+            (Kind::Web, "backlog", at(&self.backlog)),
+            (Kind::Worker, "queue", at(&self.queue)),
+            (Kind::Worker, "retry", at(&self.retry)),
+            (Kind::Clock, "schedule", at(&self.schedule)),
+            (Kind::Clock, "timezone", at(&self.timezone)),
         ] {
             if kind != applies
-                && let Some(span) = span
+                && let Some(at) = at
             {
                 problems.at(
-                    span,
+                    at,
                     format!(
                         "`{key}` applies to {applies} process types only; `{name}` is a {kind}"
                     ),
                 );
             }
         }
+    }
 
-        let queue = match (&self.queue, kind) {
-            (Some(queue), Kind::Worker) => {
-                if let Err(why) = check_name("queue", queue.get_ref()) {
-                    problems.at(queue.span(), why);
-                }
-                Some(queue.get_ref().clone())
-            }
-            (None, Kind::Worker) => {
-                problems.at(
-                    kind_span.clone(),
-                    format!("worker `{name}` needs `queue = \"NAME\"`: the queue it consumes"),
-                );
-                None
-            }
-            _ => None,
-        };
-        let retry = self
-            .retry
-            .as_ref()
-            .map_or_else(RetryPolicy::default, |r| r.get_ref().validate(problems));
-        let schedule = match (&self.schedule, kind) {
-            (Some(expression), Kind::Clock) => {
-                let timezone = match &self.timezone {
-                    None => Some(chrono_tz::UTC),
-                    Some(tz) => match tz.get_ref().parse::<chrono_tz::Tz>() {
-                        Ok(tz) => Some(tz),
-                        Err(_) => {
-                            problems.at(
-                                tz.span(),
-                                format!("unknown timezone `{}`: expected an IANA name such as \"Europe/Paris\" or \"UTC\"", tz.get_ref()),
-                            );
-                            None
-                        }
-                    },
-                };
-                match expression.get_ref().parse::<cron::Schedule>() {
-                    Ok(parsed) => timezone.map(|timezone| ClockSchedule {
-                        expression: expression.get_ref().clone(),
-                        schedule: parsed,
-                        timezone,
-                    }),
-                    Err(e) => {
-                        // The cron crate's message repeats the expression and a
-                        // caret on lines of its own; keep only its last line.
-                        let text = e.to_string();
-                        let why = text.lines().last().unwrap_or_default().trim();
-                        problems.at(
-                            expression.span(),
-                            format!(
-                                "invalid schedule `{}` ({why}): expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)",
-                                expression.get_ref()
-                            ),
-                        );
-                        None
-                    }
-                }
-            }
-            (None, Kind::Clock) => {
-                problems.at(
-                    kind_span.clone(),
-                    format!(
-                        "clock `{name}` needs `schedule = \"CRON\"`, such as \"0 */5 * * * *\""
-                    ),
-                );
-                None
-            }
-            _ => None,
-        };
-        let mut enqueue = Vec::new();
-        let mut enqueue_spans = Vec::new();
-        for queue in &self.enqueue {
-            enqueue.push(queue.get_ref().clone());
-            enqueue_spans.push(queue.span());
-        }
-
-        let component_span = self.component.span();
-        let component_text = self.component.into_inner();
-        if component_text.trim().is_empty() {
-            problems.at(
-                component_span.clone(),
-                "`component` is empty: expected the path of a `.wasm` file",
-            );
-        }
-        let component = normalize(&dir.join(&component_text));
-
+    /// A web type's routes (`["/"]` when absent, never empty) and backlog.
+    fn web_role(
+        &self,
+        name: &str,
+        component_span: &Range<usize>,
+        route_spans: &mut Vec<Range<usize>>,
+        problems: &mut Problems,
+    ) -> Option<Role> {
         let mut routes = Vec::new();
-        let mut route_spans = Vec::new();
-        match self.routes {
-            _ if kind != Kind::Web => {}
+        match &self.routes {
             None => {
                 routes.push(Route {
                     host: None,
@@ -525,122 +472,209 @@ impl Process {
                 }
             }
         }
-
-        let (scale, autoscale) = match &self.scale {
-            None => (DEFAULT_SCALE, None),
-            Some(spec) => match spec.get_ref() {
-                ScaleSpec::Fixed(n) => {
-                    if !(1..=u64::from(MAX_SCALE)).contains(n) {
-                        problems.at(
-                            spec.span(),
-                            format!("`scale` is {n}: expected a number from 1 to {MAX_SCALE}"),
-                        );
-                    }
-                    (u32::try_from(*n).unwrap_or(MAX_SCALE), None)
-                }
-                ScaleSpec::Range { min, max, cooldown } => {
-                    let least = if kind == Kind::Worker { 0 } else { 1 };
-                    if *min < least || min > max || *max > u64::from(MAX_SCALE) || *max == 0 {
-                        problems.at(
-                            spec.span(),
-                            format!(
-                                "`scale = {{ min = {min}, max = {max} }}`: expected {least} ≤ min ≤ max ≤ {MAX_SCALE}, max ≥ 1{}",
-                                if kind == Kind::Worker { "" } else { " (only workers may scale to zero)" }
-                            ),
-                        );
-                    }
-                    let min = u32::try_from(*min).unwrap_or(0);
-                    let max = u32::try_from(*max).unwrap_or(MAX_SCALE);
-                    (
-                        min,
-                        Some(Autoscale {
-                            min,
-                            max,
-                            cooldown: cooldown.unwrap_or(DEFAULT_COOLDOWN),
-                        }),
-                    )
-                }
-            },
-        };
-        let reuse = bounded(&self.reuse, DEFAULT_REUSE, 1, u32::MAX, "reuse", problems);
         let backlog = bounded(
-            &self.backlog,
+            self.backlog.as_ref(),
             DEFAULT_BACKLOG,
-            0,
-            MAX_BACKLOG,
+            0..=MAX_BACKLOG,
             "backlog",
             problems,
         );
-
-        let limits = self.limits.validate(problems);
-
-        let mut env = Vec::new();
-        for (key, value) in self.env {
-            let k = key.get_ref();
-            if k.is_empty() || k.contains(['=', '\0']) || value.contains('\0') {
-                problems.at(
-                    key.span(),
-                    format!("invalid environment variable `{k}`: names must be non-empty without `=` or NUL"),
-                );
-            }
-            env.push((key.into_inner(), value));
-        }
-
-        let mut allow_outbound = Vec::new();
-        for host in self.allow_outbound {
-            let h = host.get_ref().trim().to_ascii_lowercase();
-            if h.is_empty() || h.contains(['/', ' ']) {
-                problems.at(
-                    host.span(),
-                    format!("invalid outbound host `{h}`: expected `host`, `host:port` or `*`"),
-                );
-            }
-            allow_outbound.push(h);
-        }
-
-        if problems.0.len() != before {
-            return None;
-        }
-        Some(Located {
-            process: ProcessType {
-                name,
-                kind,
-                component,
-                component_span,
-                build: self.build,
-                routes,
-                scale,
-                autoscale,
-                reuse,
-                backlog,
-                limits,
-                env,
-                allow_outbound: allow_outbound.into(),
-                enqueue: enqueue.into(),
-                queue,
-                retry,
-                schedule,
-            },
-            route_spans,
-            enqueue_spans,
-        })
+        Some(Role::Web(WebRole { routes, backlog }))
     }
+
+    /// A worker's queue (required, a valid name) and retry policy.
+    fn worker_role(&self, name: &str, problems: &mut Problems) -> Option<Role> {
+        let retry = self
+            .retry
+            .as_ref()
+            .map_or_else(RetryPolicy::default, |r| r.get_ref().validate(problems));
+        let Some(queue) = &self.queue else {
+            problems.at(
+                self.kind.span(),
+                format!("worker `{name}` needs `queue = \"NAME\"`: the queue it consumes"),
+            );
+            return None;
+        };
+        if let Err(why) = check_name("queue", queue.get_ref()) {
+            problems.at(queue.span(), why);
+        }
+        Some(Role::Worker(WorkerRole {
+            queue: queue.get_ref().clone(),
+            retry,
+        }))
+    }
+
+    /// A clock's schedule (required, cron with seconds) and timezone.
+    fn clock_role(&self, name: &str, problems: &mut Problems) -> Option<Role> {
+        let timezone = timezone(self.timezone.as_ref(), problems);
+        let Some(expression) = &self.schedule else {
+            problems.at(
+                self.kind.span(),
+                format!("clock `{name}` needs `schedule = \"CRON\"`, such as \"0 */5 * * * *\""),
+            );
+            return None;
+        };
+        let schedule = match expression.get_ref().parse::<cron::Schedule>() {
+            Ok(schedule) => schedule,
+            Err(e) => {
+                // The cron crate's message repeats the expression and a
+                // caret on lines of its own; keep only its last line.
+                let text = e.to_string();
+                let why = text.lines().last().unwrap_or_default().trim();
+                problems.at(
+                    expression.span(),
+                    format!(
+                        "invalid schedule `{}` ({why}): expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)",
+                        expression.get_ref()
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(Role::Clock(ClockRole {
+            expression: expression.get_ref().clone(),
+            schedule: Box::new(schedule),
+            timezone: timezone?,
+        }))
+    }
+}
+
+/// `component`: not empty, resolved against the formation's folder.
+fn component_path(
+    component: &Spanned<String>,
+    dir: &Path,
+    problems: &mut Problems,
+) -> std::path::PathBuf {
+    if component.get_ref().trim().is_empty() {
+        problems.at(
+            component.span(),
+            "`component` is empty: expected the path of a `.wasm` file",
+        );
+    }
+    normalize(&dir.join(component.get_ref()))
+}
+
+/// `timezone`: an IANA name; UTC when absent.
+fn timezone(value: Option<&Spanned<String>>, problems: &mut Problems) -> Option<chrono_tz::Tz> {
+    let Some(tz) = value else {
+        return Some(chrono_tz::UTC);
+    };
+    match tz.get_ref().parse::<chrono_tz::Tz>() {
+        Ok(tz) => Some(tz),
+        Err(_) => {
+            problems.at(
+                tz.span(),
+                format!(
+                    "unknown timezone `{}`: expected an IANA name such as \"Europe/Paris\" or \"UTC\"",
+                    tz.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `scale`: a fixed number in `1..=MAX_SCALE`, or autoscaling bounds (whose
+/// minimum may be 0 for workers only).
+fn scale(
+    value: Option<&Spanned<ScaleSpec>>,
+    kind: Kind,
+    problems: &mut Problems,
+) -> (u32, Option<Autoscale>) {
+    let Some(spec) = value else {
+        return (DEFAULT_SCALE, None);
+    };
+    match spec.get_ref() {
+        ScaleSpec::Fixed(n) => {
+            let n = bounded(
+                Some(&Spanned::new(spec.span(), *n)),
+                u64::from(DEFAULT_SCALE),
+                1..=u64::from(MAX_SCALE),
+                "scale",
+                problems,
+            );
+            (u32::try_from(n).unwrap_or(MAX_SCALE), None)
+        }
+        ScaleSpec::Range { min, max, cooldown } => {
+            let least = if kind == Kind::Worker { 0 } else { 1 };
+            if *min < least || min > max || *max > u64::from(MAX_SCALE) || *max == 0 {
+                problems.at(
+                    spec.span(),
+                    format!(
+                        "`scale = {{ min = {min}, max = {max} }}`: expected {least} ≤ min ≤ max ≤ {MAX_SCALE}, max ≥ 1{}",
+                        if kind == Kind::Worker {
+                            ""
+                        } else {
+                            " (only workers may scale to zero)"
+                        }
+                    ),
+                );
+            }
+            let min = u32::try_from(*min).unwrap_or(0);
+            let max = u32::try_from(*max).unwrap_or(MAX_SCALE);
+            let cooldown = cooldown.unwrap_or(DEFAULT_COOLDOWN);
+            (min, Some(Autoscale { min, max, cooldown }))
+        }
+    }
+}
+
+/// `reuse`: at least 1.
+fn reuse(value: Option<&Spanned<u32>>, problems: &mut Problems) -> NonZeroU32 {
+    let n = bounded(value, DEFAULT_REUSE.get(), 1..=u32::MAX, "reuse", problems);
+    NonZeroU32::new(n).unwrap_or(DEFAULT_REUSE)
+}
+
+/// `env`: names non-empty, without `=` or NUL; values without NUL.
+fn environment(
+    env: BTreeMap<Spanned<String>, String>,
+    problems: &mut Problems,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (key, value) in env {
+        let k = key.get_ref();
+        if k.is_empty() || k.contains(['=', '\0']) || value.contains('\0') {
+            problems.at(
+                key.span(),
+                format!(
+                    "invalid environment variable `{k}`: names must be non-empty without `=` or NUL"
+                ),
+            );
+        }
+        out.push((key.into_inner(), value));
+    }
+    out
+}
+
+/// `allow_outbound`: `host`, `host:port` or `*`, lowercased.
+fn outbound_hosts(hosts: Vec<Spanned<String>>, problems: &mut Problems) -> Vec<String> {
+    let mut out = Vec::new();
+    for host in hosts {
+        let h = host.get_ref().trim().to_ascii_lowercase();
+        if h.is_empty() || h.contains(['/', ' ']) {
+            problems.at(
+                host.span(),
+                format!("invalid outbound host `{h}`: expected `host`, `host:port` or `*`"),
+            );
+        }
+        out.push(h);
+    }
+    out
 }
 
 impl RawLimits {
     fn validate(self, problems: &mut Problems) -> Limits {
-        let memory = match checked(&self.memory, problems) {
-            None => DEFAULT_MEMORY,
-            Some((ByteSize(bytes), span)) => {
-                if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
-                    problems.at(
-                        span,
-                        format!("`limits.memory` is {bytes} bytes: expected from 64KiB to 4GiB"),
-                    );
-                }
-                bytes
-            }
-        };
+        let memory = checked(&self.memory, problems).map_or(DEFAULT_MEMORY, |(size, span)| {
+            size_within(
+                size,
+                span,
+                MIN_MEMORY..=MAX_MEMORY,
+                "limits.memory",
+                problems,
+            )
+        });
+        let body = checked(&self.body, problems).map_or(DEFAULT_BODY, |(size, span)| {
+            size_within(size, span, 0..=MAX_BODY, "limits.body", problems)
+        });
         let timeout = match checked(&self.timeout, problems) {
             None => DEFAULT_TIMEOUT,
             Some((HumanDuration(d), span)) => {
@@ -648,8 +682,9 @@ impl RawLimits {
                     problems.at(
                         span,
                         format!(
-                            "`limits.timeout` is {}: expected more than 0s and at most 1h",
-                            humantime::format_duration(d)
+                            "`limits.timeout` is {}: expected more than 0s and at most {}",
+                            humantime::format_duration(d),
+                            humantime::format_duration(MAX_TIMEOUT)
                         ),
                     );
                 }
@@ -665,18 +700,6 @@ impl RawLimits {
             }
             *f.get_ref()
         });
-        let body = match checked(&self.body, problems) {
-            None => DEFAULT_BODY,
-            Some((ByteSize(bytes), span)) => {
-                if bytes > MAX_BODY {
-                    problems.at(
-                        span,
-                        format!("`limits.body` is {bytes} bytes: expected at most 1GiB"),
-                    );
-                }
-                bytes
-            }
-        };
         Limits {
             memory,
             timeout,
@@ -684,6 +707,31 @@ impl RawLimits {
             body,
         }
     }
+}
+
+/// Checks that a size lies in `bounds`; the message states the bounds as
+/// the constants define them (`from 64KiB to 4GiB`, `at most 1GiB`).
+fn size_within(
+    size: ByteSize,
+    span: Range<usize>,
+    bounds: std::ops::RangeInclusive<u64>,
+    what: &str,
+    problems: &mut Problems,
+) -> u64 {
+    let bytes = size.0;
+    if !bounds.contains(&bytes) {
+        let (min, max) = (ByteSize(*bounds.start()), ByteSize(*bounds.end()));
+        let expected = if min.0 == 0 {
+            format!("at most {max}")
+        } else {
+            format!("from {min} to {max}")
+        };
+        problems.at(
+            span,
+            format!("`{what}` is {bytes} bytes: expected {expected}"),
+        );
+    }
+    bytes
 }
 
 /// `a/b/../c` → `a/c`, without touching the file system (the file may not

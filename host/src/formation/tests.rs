@@ -14,11 +14,14 @@ fn a_minimal_formation_gets_the_documented_defaults() {
     let web = &f.processes[0];
     assert_eq!(web.name, "web");
     assert_eq!(web.component, Path::new("/srv/app/web.wasm"));
-    assert_eq!(web.routes, vec![Route::parse("/").unwrap()]);
     assert_eq!(
-        (web.scale, web.reuse, web.backlog),
-        (DEFAULT_SCALE, DEFAULT_REUSE, DEFAULT_BACKLOG)
+        web.role,
+        Role::Web(WebRole {
+            routes: vec![Route::parse("/").unwrap()],
+            backlog: DEFAULT_BACKLOG
+        })
     );
+    assert_eq!((web.scale, web.reuse), (DEFAULT_SCALE, DEFAULT_REUSE));
     assert_eq!(web.limits.memory, DEFAULT_MEMORY);
     assert_eq!(web.limits.timeout, DEFAULT_TIMEOUT);
     assert_eq!(web.limits.fuel, None);

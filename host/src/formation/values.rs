@@ -12,6 +12,23 @@ use serde::de::{self, Deserializer, Visitor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
+/// The shortest exact form: `64KiB`, `4GiB`, `1 byte`, `1000 bytes`; the
+/// form error messages state bounds in.
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if n != 0 && n.trailing_zeros() >= shift {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        match n {
+            1 => f.write_str("1 byte"),
+            n => write!(f, "{n} bytes"),
+        }
+    }
+}
+
 impl<'de> de::Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct SizeVisitor;
@@ -164,6 +181,17 @@ mod tests {
         let doc: Doc = toml::from_str("size = 4096\ntime = \"250ms\"").unwrap();
         assert_eq!(doc.size, ByteSize(4096));
         assert_eq!(doc.time, HumanDuration(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn sizes_print_in_their_shortest_exact_unit() {
+        let shown = |n: u64| ByteSize(n).to_string();
+        assert_eq!(shown(64 << 10), "64KiB");
+        assert_eq!(shown(4 << 30), "4GiB");
+        assert_eq!(shown(1536 << 20), "1536MiB");
+        assert_eq!(shown(1), "1 byte");
+        assert_eq!(shown(1000), "1000 bytes");
+        assert_eq!(shown(0), "0 bytes");
     }
 
     #[test]

@@ -97,9 +97,6 @@ pub enum QueueError {
         /// The limit.
         limit: u64,
     },
-    /// The queue holds as many messages as it may.
-    #[error("queue is full")]
-    Full,
     /// The backend failed.
     #[error("queue backend unavailable: {0}")]
     Unavailable(String),
@@ -155,7 +152,7 @@ impl Queues {
         let known = formation
             .processes
             .iter()
-            .filter_map(|p| p.queue.clone())
+            .filter_map(|p| p.queue().map(String::from))
             .collect();
         Ok(Queues {
             backend,

@@ -1,5 +1,7 @@
 //! The HTTP front: accepts connections, routes each request to the pool of
-//! a web process type, and shuts down gracefully.
+//! a web process type, and shuts down gracefully. How one request runs in
+//! an instance is [`request`]'s business; every answer the front writes
+//! itself (400, 404, 413, 503, 504, 500) is in [`answers`].
 //!
 //! Invariants:
 //! - the listener is bound before this module runs (so a bad address fails
@@ -25,23 +27,28 @@
 //! answers as fast as before, since a worker with nothing else to run polls
 //! for I/O without blocking and resumes the connection at once.
 
+mod answers;
+mod request;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::pool::{HttpResponse, Pool, text};
+pub use answers::HttpResponse;
+pub use request::ProxyWorld;
+
+use crate::pool::Pool;
 use crate::router::Router;
 
-/// Routes requests to pools.
-pub type PoolRouter = Router<Arc<Pool>>;
+/// Routes requests to the pools of web process types.
+pub type PoolRouter = Router<Arc<Pool<ProxyWorld>>>;
 
 async fn dispatch(
     router: &PoolRouter,
@@ -53,14 +60,11 @@ async fn dispatch(
         .map(|a| a.as_str())
         .or_else(|| request.headers().get(http::header::HOST)?.to_str().ok());
     let Some(host) = host else {
-        return text(StatusCode::BAD_REQUEST, "missing Host header\n".into());
+        return answers::missing_host();
     };
     match router.resolve(Some(host), request.uri().path()) {
-        Some(pool) => pool.serve(request).await,
-        None => text(
-            StatusCode::NOT_FOUND,
-            format!("no process type serves `{}`\n", request.uri().path()),
-        ),
+        Some(pool) => request::serve(pool, request).await,
+        None => answers::no_route(request.uri().path()),
     }
 }
 
@@ -73,21 +77,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, don't spin.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
+    crate::accept::accept_until(&listener, shutdown, "HTTP", |stream, peer| {
         let router = router.clone();
         let service = service_fn(move |request| {
             let router = router.clone();
@@ -108,7 +98,8 @@ pub async fn serve(
                 tracing::debug!(%peer, "connection ended: {e}");
             }
         });
-    }
+    })
+    .await;
     drop(listener);
     tracing::info!(
         "stopped accepting connections; finishing in-flight requests (grace {})",

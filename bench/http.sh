@@ -6,7 +6,7 @@
 # (a shared VM's neighbours) hits them all alike; the ratios are of medians.
 # Prints req/s, p99 and peak RSS per server and round, the medians, the
 # ratios against the targets, and the cost of one instance without the
-# network (benches/instance.rs).
+# network (bench/instance.rs).
 #
 #   bench/http.sh                # 5 rounds of wrk -t2 -c64 -d10s per server
 #   ROUNDS=5 DURATION=5s CONNECTIONS=32 bench/http.sh
@@ -135,5 +135,5 @@ echo "wasmproc fresh / wasmtime serve tuned pool: $(ratio "$FRESH" "$TUNED" 1.2)
 echo "wasmproc reuse / wasmtime serve defaults:   $(ratio "$REUSE" "$DEFAULTS" 5)"
 echo "wasmproc reuse / native hyper:              $(ratio "$REUSE" "$NATIVE" 0.25)"
 echo
-echo "one instance, no network (one thread; benches/instance.rs):"
+echo "one instance, no network (one thread; bench/instance.rs):"
 cargo bench --quiet --bench instance

@@ -25,6 +25,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmproc::engine::{CompileCache, EpochTicker};
 use wasmproc::formation::{Formation, ProcessType};
 use wasmproc::instance::InstanceState;
+use wasmproc::outbound::TypeOutbound;
 
 /// How long each figure is measured for.
 const MEASURE: Duration = Duration::from_secs(2);
@@ -32,6 +33,7 @@ const MEASURE: Duration = Duration::from_secs(2);
 struct Subject {
     pre: ProxyPre<InstanceState>,
     process: ProcessType,
+    outbound: TypeOutbound,
     name: Arc<str>,
 }
 
@@ -42,7 +44,7 @@ impl Subject {
         Store<InstanceState>,
         wasmtime_wasi_http::p2::bindings::Proxy,
     ) {
-        let state = InstanceState::new(&self.process, &self.name, None);
+        let state = InstanceState::new(&self.process, &self.name, None, &self.outbound);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| state);
         store.set_epoch_deadline(u64::MAX / 2);
@@ -148,6 +150,7 @@ fn main() {
         let pre = ProxyPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
         let subject = Subject {
             pre,
+            outbound: TypeOutbound::new(&process),
             process: process.clone(),
             name: Arc::from("web.1"),
         };

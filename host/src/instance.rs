@@ -6,8 +6,7 @@
 //! - no inherited environment: only the process type's `env`, plus
 //!   `WASMPROC_PROCESS` (the type's name) and `WASMPROC_INSTANCE` (`web.3`);
 //! - no sockets (`wasi:sockets` is linked but every address is denied);
-//! - outbound HTTP only to the hosts the type lists in `allow_outbound`; a
-//!   denied request gets `HTTP-request-denied` and a log line;
+//! - outbound HTTP only as [`crate::outbound`] allows;
 //! - stdin is empty; stdout and stderr become log events carrying the
 //!   instance's name;
 //! - linear memory may not grow past `limits.memory` ([`ResourceLimiter`]).
@@ -28,10 +27,11 @@ use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::bindings::queue;
 use crate::formation::ProcessType;
+use crate::outbound::{Outbound, TypeOutbound};
 use crate::queue::{NewMessage, QueueError, Queues};
 
 /// The most table elements an instance may grow to.
@@ -42,7 +42,7 @@ pub struct InstanceState {
     table: ResourceTable,
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    hooks: OutboundPolicy,
+    hooks: Outbound,
     memory_limit: usize,
     /// Set when the guest tried to grow memory past its limit during the
     /// current unit: the unit's failure is then reported as `memory`.
@@ -61,6 +61,7 @@ impl InstanceState {
         process: &ProcessType,
         instance: &Arc<str>,
         queues: Option<&Queues>,
+        outbound: &TypeOutbound,
     ) -> InstanceState {
         let mut wasi = WasiCtx::builder();
         wasi.args(&[process.name.as_str()]);
@@ -76,10 +77,7 @@ impl InstanceState {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            hooks: OutboundPolicy {
-                instance: instance.clone(),
-                allowed: process.allow_outbound.clone(),
-            },
+            hooks: outbound.for_instance(instance),
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
             deadline: Instant::now(),
@@ -181,67 +179,6 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
         state
     })?;
     Ok(linker)
-}
-
-/// Decides which outbound HTTP requests an instance may send.
-struct OutboundPolicy {
-    instance: Arc<str>,
-    allowed: Arc<[String]>,
-}
-
-impl OutboundPolicy {
-    fn allows(&self, authority: &str, default_port: u16) -> bool {
-        let authority = authority.to_ascii_lowercase();
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                (h.to_string(), p.parse().unwrap_or(default_port))
-            }
-            _ => (authority.clone(), default_port),
-        };
-        self.allowed
-            .iter()
-            .any(|rule| rule == "*" || *rule == host || *rule == format!("{host}:{port}"))
-    }
-}
-
-impl WasiHttpHooks for OutboundPolicy {
-    fn send_request(
-        &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        options: Option<wasmtime_wasi_http::RequestOptions>,
-        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = Result<
-                    (
-                        http::Response<wasmtime_wasi_http::WasiBody>,
-                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                    ),
-                    wasmtime_wasi_http::Error,
-                >,
-            > + Send,
-    > {
-        let uri = request.uri();
-        let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
-            443
-        } else {
-            80
-        };
-        let authority = uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        if self.allows(&authority, default_port) {
-            tracing::debug!(instance = %self.instance, %authority, "outbound request allowed");
-            return wasmtime_wasi_http::default_hooks().send_request(request, options, fut);
-        }
-        tracing::warn!(
-            instance = %self.instance,
-            %authority,
-            "outbound request denied: `{authority}` is not in `allow_outbound`"
-        );
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
-    }
 }
 
 /// A guest's stdout or stderr: each complete line becomes one log event
@@ -369,30 +306,5 @@ impl AsyncWrite for GuestLogWriter {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(rules: &[&str]) -> OutboundPolicy {
-        OutboundPolicy {
-            instance: "web.1".into(),
-            allowed: rules.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn outbound_rules_match_host_or_host_and_port() {
-        let p = policy(&["api.example.com", "127.0.0.1:9000"]);
-        assert!(p.allows("api.example.com", 443));
-        assert!(p.allows("API.example.com:8443", 443));
-        assert!(p.allows("127.0.0.1:9000", 80));
-        assert!(!p.allows("127.0.0.1:9001", 80));
-        assert!(!p.allows("127.0.0.1", 80));
-        assert!(!p.allows("evil.example.com", 443));
-        assert!(policy(&["*"]).allows("anything:1", 80));
-        assert!(!policy(&[]).allows("api.example.com", 443));
     }
 }

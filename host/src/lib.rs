@@ -10,6 +10,7 @@
 //! | [`formation`] | the file, parsed and validated, with located errors; each type's [`Role`](formation::Role) | what a key means, its default and bounds |
 //! | [`engine`] | the wasmtime engine sized from the formation, the epoch ticker, the compile cache | how the pooling allocator is sized |
 //! | [`instance`] | one instance's store state and sandbox | what a guest may reach |
+//! | [`outbound`] | outbound HTTP from guests: the allow list, and sending | which hosts a guest can call |
 //! | [`pool`] | admission, slots, reuse, failure and supervision per type | when an instance is retired ([`pool::slots`]), crash loops ([`pool::supervisor`]) |
 //! | [`router`] | which web type serves a host and path | route matching |
 //! | [`http`] | the HTTP front: one request as a unit, the answers the host writes | what a 503 looks like ([`http`]'s `answers`) |
@@ -38,6 +39,7 @@ pub mod formation;
 pub mod http;
 pub mod instance;
 mod metrics;
+pub mod outbound;
 pub mod pool;
 pub mod queue;
 pub mod router;

@@ -39,6 +39,22 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:${PORT:-8080}";
 /// How long in-flight requests may take to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Longest `[http] shutdown_grace`: a host asked to stop must stop.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
+/// How long a connection may take to send a request's headers, counted
+/// from when it is ready for one (accepted, or the previous answer sent):
+/// also how long a keep-alive connection may sit idle.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `[http] header_timeout`.
+pub const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Connections the HTTP front keeps open at once, when `[http]
+/// max_connections` is absent.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Largest `[http] max_connections`.
+pub const MAX_MAX_CONNECTIONS: u32 = 1_000_000;
+/// Bytes per second a client must send a request body at while a guest
+/// waits for it, when `[http] min_body_rate` is absent.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 1 << 10;
 /// Instances of a process type that run units at once, when `scale` is absent.
 pub const DEFAULT_SCALE: u32 = 1;
 /// The most instances one process type may ask for.
@@ -63,6 +79,30 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_BODY: u64 = 10 << 20;
 /// Largest `limits.body` a process type may ask for.
 pub const MAX_BODY: u64 = 1 << 30;
+/// Host resources (the entries of its resource table: streams, fields,
+/// bodies, pollables, …) one instance may hold at once, when
+/// `limits.resources` is absent.
+pub const DEFAULT_RESOURCES: u32 = 1000;
+/// Fewest and most `limits.resources`.
+pub const RESOURCES_BOUNDS: (u32, u32) = (16, 1_000_000);
+/// Bytes one set of headers or trailers a guest builds may hold (as
+/// wasi-http counts them), when `limits.headers` is absent.
+pub const DEFAULT_HEADERS: u64 = 16 << 10;
+/// Fewest and most bytes `limits.headers` may allow.
+pub const HEADERS_BOUNDS: (u64, u64) = (1 << 10, 1 << 20);
+/// Outbound HTTP requests one instance may have in flight, when
+/// `limits.connections` is absent.
+pub const DEFAULT_CONNECTIONS: u32 = 16;
+/// Outbound HTTP requests all instances of a type may have in flight, when
+/// `limits.type_connections` is absent.
+pub const DEFAULT_TYPE_CONNECTIONS: u32 = 256;
+/// Most outbound requests in flight a type or an instance may ask for.
+pub const MAX_CONNECTIONS: u32 = 65_536;
+/// Lines per second an instance may write to stdout and stderr together
+/// (with a burst of ten seconds' worth), when `limits.log_rate` is absent.
+pub const DEFAULT_LOG_RATE: u32 = 100;
+/// Most `limits.log_rate`.
+pub const MAX_LOG_RATE: u32 = 1_000_000;
 /// Where the embedded queue keeps its data, relative to the formation file.
 pub const DEFAULT_QUEUE_PATH: &str = ".wasmproc/queue";
 /// Largest message body accepted by `enqueue`, when `[queue] max_message` is absent.
@@ -115,6 +155,14 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// How long a connection may take to send a request's headers (and sit
+    /// idle between requests).
+    pub header_timeout: Duration,
+    /// Connections kept open at once; one more is answered 503 and closed.
+    pub max_connections: u32,
+    /// Bytes per second a client must send a request body at, while a
+    /// guest waits for it; 0 turns the check off.
+    pub min_body_rate: u64,
 }
 
 /// The `[queue]` table: where messages for workers are kept.
@@ -332,6 +380,16 @@ pub struct Limits {
     pub fuel: Option<u64>,
     /// Largest HTTP request body accepted, in bytes.
     pub body: u64,
+    /// Host resources (resource-table entries) one instance may hold at once.
+    pub resources: u32,
+    /// Bytes one set of headers or trailers the guest builds may hold.
+    pub headers: u64,
+    /// Outbound HTTP requests one instance may have in flight.
+    pub connections: u32,
+    /// Outbound HTTP requests all instances of the type may have in flight.
+    pub type_connections: u32,
+    /// Lines per second the instance may log (burst: ten seconds' worth).
+    pub log_rate: u32,
 }
 
 /// One HTTP route: an optional host and a path prefix.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -25,6 +26,9 @@ use super::*;
 pub(super) struct Http {
     listen: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<Lenient<HumanDuration>>>,
+    header_timeout: Option<Spanned<Lenient<HumanDuration>>>,
+    max_connections: Option<Spanned<u32>>,
+    min_body_rate: Option<Spanned<Lenient<ByteSize>>>,
 }
 
 /// Expands `${VAR}` in a listen address and parses it.
@@ -58,11 +62,35 @@ impl Http {
         problems: &mut Problems,
     ) -> Option<HttpSettings> {
         let listen = listen_address(&self.listen, DEFAULT_LISTEN, lookup, problems);
-        let shutdown_grace =
-            checked(&self.shutdown_grace, problems).map_or(DEFAULT_SHUTDOWN_GRACE, |(g, _)| g.0);
+        let shutdown_grace = duration_within(
+            &self.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+            Duration::ZERO..=MAX_SHUTDOWN_GRACE,
+            "shutdown_grace",
+            problems,
+        );
+        let header_timeout = duration_within(
+            &self.header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+            Duration::from_secs(1)..=MAX_HEADER_TIMEOUT,
+            "header_timeout",
+            problems,
+        );
+        let max_connections = bounded(
+            self.max_connections.as_ref(),
+            DEFAULT_MAX_CONNECTIONS,
+            1..=MAX_MAX_CONNECTIONS,
+            "max_connections",
+            problems,
+        );
+        let min_body_rate = checked(&self.min_body_rate, problems)
+            .map_or(DEFAULT_MIN_BODY_RATE, |(rate, _)| rate.0);
         Some(HttpSettings {
             listen: listen?,
             shutdown_grace,
+            header_timeout,
+            max_connections,
+            min_body_rate,
         })
     }
 }
@@ -314,6 +342,11 @@ pub(super) struct RawLimits {
     timeout: Option<Spanned<Lenient<HumanDuration>>>,
     fuel: Option<Spanned<u64>>,
     body: Option<Spanned<Lenient<ByteSize>>>,
+    resources: Option<Spanned<u32>>,
+    headers: Option<Spanned<Lenient<ByteSize>>>,
+    connections: Option<Spanned<u32>>,
+    type_connections: Option<Spanned<u32>>,
+    log_rate: Option<Spanned<u32>>,
 }
 
 /// The value of a [`Lenient`] field, reporting its error if it has one.
@@ -691,6 +724,16 @@ impl RawLimits {
                 d
             }
         };
+        let headers = checked(&self.headers, problems).map_or(DEFAULT_HEADERS, |(size, span)| {
+            size_within(
+                size,
+                span,
+                HEADERS_BOUNDS.0..=HEADERS_BOUNDS.1,
+                "limits.headers",
+                problems,
+            )
+        });
+
         let fuel = self.fuel.as_ref().map(|f| {
             if *f.get_ref() == 0 {
                 problems.at(
@@ -705,8 +748,63 @@ impl RawLimits {
             timeout,
             fuel,
             body,
+            resources: bounded(
+                self.resources.as_ref(),
+                DEFAULT_RESOURCES,
+                RESOURCES_BOUNDS.0..=RESOURCES_BOUNDS.1,
+                "limits.resources",
+                problems,
+            ),
+            headers,
+            connections: bounded(
+                self.connections.as_ref(),
+                DEFAULT_CONNECTIONS,
+                1..=MAX_CONNECTIONS,
+                "limits.connections",
+                problems,
+            ),
+            type_connections: bounded(
+                self.type_connections.as_ref(),
+                DEFAULT_TYPE_CONNECTIONS,
+                1..=MAX_CONNECTIONS,
+                "limits.type_connections",
+                problems,
+            ),
+            log_rate: bounded(
+                self.log_rate.as_ref(),
+                DEFAULT_LOG_RATE,
+                1..=MAX_LOG_RATE,
+                "limits.log_rate",
+                problems,
+            ),
         }
     }
+}
+
+/// A duration within `bounds` (or `default` when absent); the message
+/// states the bounds as the constants define them.
+fn duration_within(
+    value: &Option<Spanned<Lenient<HumanDuration>>>,
+    default: Duration,
+    bounds: std::ops::RangeInclusive<Duration>,
+    what: &str,
+    problems: &mut Problems,
+) -> Duration {
+    let Some((HumanDuration(d), span)) = checked(value, problems) else {
+        return default;
+    };
+    if !bounds.contains(&d) {
+        problems.at(
+            span,
+            format!(
+                "`{what}` is {}: expected from {} to {}",
+                humantime::format_duration(d),
+                humantime::format_duration(*bounds.start()),
+                humantime::format_duration(*bounds.end())
+            ),
+        );
+    }
+    d
 }
 
 /// Checks that a size lies in `bounds`; the message states the bounds as

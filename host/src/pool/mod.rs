@@ -80,6 +80,7 @@ pub use supervisor::CRASH_LOOP_THRESHOLD;
 use crate::engine::EPOCH_TICK;
 use crate::formation::ProcessType;
 use crate::instance::InstanceState;
+use crate::outbound::TypeOutbound;
 use crate::queue::Queues;
 use failure::classify;
 use slots::{Returned, Slot, Slots, Warm};
@@ -159,6 +160,7 @@ pub struct Pool<W: World> {
     /// warm instance's check on every unit).
     generation: AtomicU64,
     queues: Option<Queues>,
+    outbound: TypeOutbound,
     fuel_metered: bool,
     /// One permit per idle slot.
     free: Semaphore,
@@ -236,6 +238,7 @@ impl<W: World> Pool<W> {
     /// A pool for `process`, whose kind's settings are `role`.
     pub fn new(process: ProcessType, role: W::Role, parts: &Parts<'_>) -> anyhow::Result<Pool<W>> {
         let pre = Self::pre(parts.component, parts.linker)?;
+        let outbound = TypeOutbound::new(&process);
         let pool = Pool {
             slots: Mutex::new(Slots::new(&process.name)),
             free: Semaphore::new(0),
@@ -245,6 +248,7 @@ impl<W: World> Pool<W> {
             process: Arc::new(process),
             role,
             queues: parts.queues.cloned(),
+            outbound,
             fuel_metered: parts.fuel_metered,
             supervisor: Supervisor::default(),
             stats: Stats::default(),
@@ -480,7 +484,7 @@ impl<W: World> Pool<W> {
         }
         let started = Instant::now();
         let deployment = self.current();
-        let state = InstanceState::new(&self.process, name, self.queues.as_ref());
+        let state = InstanceState::new(&self.process, name, self.queues.as_ref(), &self.outbound);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|ctx| {

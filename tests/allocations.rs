@@ -94,10 +94,10 @@ fn allocations_per_request(reuse: u32) -> u64 {
     let server = runtime.spawn(wasmproc::http::serve(
         listener,
         router,
+        formation.http.clone(),
         async move {
             let _ = stopped.await;
         },
-        std::time::Duration::from_secs(5),
     ));
 
     let mut client = TcpStream::connect(addr).unwrap();

@@ -33,9 +33,10 @@ use http::{Method, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::accept::{Connections, accept_until};
 use crate::control::{ChangeError, Control, ScaleChange};
 use crate::queue::{NewMessage, QueueError, Queues};
 
@@ -43,6 +44,12 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Largest component a deploy accepts.
 const MAX_ARTIFACT: usize = 256 << 20;
+/// Connections the admin API keeps open at once: its own small budget, so
+/// it never competes with the HTTP front for descriptors.
+pub const MAX_CONNECTIONS: u32 = 64;
+/// How long an admin connection may take to send a request's head (and
+/// sit idle between requests).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn change_error(e: &ChangeError) -> AdminResponse {
     let status = match e {
@@ -281,7 +288,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let token: Arc<Option<String>> = Arc::new(token);
-    crate::accept::accept_until(&listener, shutdown, "admin API", |stream, _| {
+    let connections = Connections::new(MAX_CONNECTIONS);
+    accept_until(&listener, shutdown, "admin API", &connections, |stream, _, permit| {
         let control = control.clone();
         let token = token.clone();
         let service = service_fn(move |request| {
@@ -290,7 +298,11 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(handle(&control, token.as_deref(), request).await) }
         });
         tokio::spawn(async move {
+            let _permit = permit;
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(crate::http::MAX_HEAD_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -26,6 +26,7 @@
 //! | [`client`] | the CLI's side of the admin API | how the CLI finds a host |
 //! | [`run`] | `check` and `run`, start to shutdown | the order of start-up |
 //! | [`telemetry`] | logs on stdout | the log format |
+//! | `throttle` | a token bucket for what guests make the host do over and over | guest log rates |
 
 mod accept;
 mod admin;
@@ -45,4 +46,5 @@ pub mod queue;
 pub mod router;
 pub mod run;
 pub mod telemetry;
+mod throttle;
 pub mod worker;

@@ -249,6 +249,7 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     };
     let prepared = prepare(&formation, &cache, queues.as_ref())?;
     check_map_count(formation.capacity);
+    check_open_files(&formation);
     let _ticker = EpochTicker::start(&prepared.engine)?;
     let grace = formation.http.shutdown_grace;
 
@@ -339,8 +340,8 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         tasks.spawn(crate::http::serve(
             listener,
             router,
+            formation.http.clone(),
             until_stopped(stopped.clone()),
-            grace,
         ));
     }
 
@@ -389,6 +390,54 @@ fn check_map_count(capacity: u32) {
         tracing::warn!(
             "the pool can hold {capacity} instances, but vm.max_map_count is {limit}: only about {} can be live at once (each takes ~{MAPS_PER_INSTANCE} memory mappings); raise it with `sysctl -w vm.max_map_count={need}`",
             limit / MAPS_PER_INSTANCE
+        );
+    }
+}
+
+/// Descriptors the host needs beyond its connections: the queue store, the
+/// epoch ticker, the runtime's own, log pipes, compile cache reads.
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit (a host that
+/// serves many connections must not stop at the usual 1,024), then warns
+/// when the formation's connection bounds could still use them all up:
+/// the HTTP front's `max_connections`, the admin API's own, and each
+/// type's outbound `type_connections`.
+fn check_open_files(formation: &Formation) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut current = limit.current;
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum)
+        && soft < hard
+    {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            },
+        ) {
+            Ok(()) => current = Some(hard),
+            Err(e) => tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}"),
+        }
+    }
+    let Some(available) = current else {
+        return;
+    };
+    let outbound: u64 = formation
+        .processes
+        .iter()
+        .map(|p| u64::from(p.limits.type_connections))
+        .sum();
+    let need = u64::from(formation.http.max_connections)
+        + u64::from(admin::MAX_CONNECTIONS)
+        + outbound
+        + RESERVED_FILES;
+    if need > available {
+        tracing::warn!(
+            "the open-file limit is {available}, but the formation may use {need} (http.max_connections {} + admin {} + outbound type_connections {outbound} + {RESERVED_FILES} reserved): lower `[http] max_connections` or raise the limit (`ulimit -n`)",
+            formation.http.max_connections,
+            admin::MAX_CONNECTIONS
         );
     }
 }

@@ -426,3 +426,15 @@ impl Host {
         )
     }
 }
+
+/// The value of the Prometheus series `name` with all of `labels` in
+/// `text`; 0 when the series does not exist (a counter never touched).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .find(|l| {
+            l.starts_with(&format!("{name}{{")) && labels.iter().all(|lab| l.contains(lab))
+                || l.starts_with(&format!("{name} "))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}

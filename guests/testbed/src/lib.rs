@@ -7,7 +7,7 @@
 //! | `/trap`             | panics (a trap)                                            |
 //! | `/loop`             | spins forever (stopped by the timeout or the fuel budget) |
 //! | `/memory`           | allocates 1 MiB blocks until memory runs out               |
-//! | `/sleep?ms=N`       | logs `sleeping N ms`, sleeps N ms, then answers            |
+//! | `/sleep?ms=N`       | logs `sleeping N ms`, sleeps N ms, then answers (`&bytes=B`: B bytes) |
 //! | `/counter`          | increments a global and answers its value                  |
 //! | `/env?name=X`       | answers the value of X, or `unset`                         |
 //! | `/env`              | answers every variable it can see, one `K=V` per line      |
@@ -17,6 +17,12 @@
 //! | `/log?msg=M`        | prints M to stdout and to stderr                           |
 //! | `/enqueue?queue=Q&body=B` | enqueues B onto Q and answers the id or the error    |
 //! | `/whoami?ms=N`      | sleeps N ms, then answers its instance name                |
+//! | `/partial?bytes=N`  | answers 200, writes N bytes of its body, then traps        |
+//! | `/noanswer`         | returns without answering                                  |
+//! | `/fields?n=N&kib=K` | holds N header sets of K KiB each, then answers            |
+//! | `/streams?n=N`      | holds N stdout streams, then answers                       |
+//! | `/print?parts=a,b`  | writes each part to stderr with a write of its own         |
+//! | `/flood?n=N`        | prints N lines to stdout as fast as it can                 |
 
 use std::io::{Read as _, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,7 +135,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                     .unwrap_or(100);
                 println!("sleeping {ms} ms");
                 std::thread::sleep(std::time::Duration::from_millis(ms));
-                respond(out, 200, format!("slept {ms}\n").as_bytes());
+                match query_param(query, "bytes").and_then(|v| v.parse().ok()) {
+                    Some(n) => respond(out, 200, &vec![b'z'; n]),
+                    None => respond(out, 200, format!("slept {ms}\n").as_bytes()),
+                }
             }
             "/counter" => {
                 let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
@@ -184,6 +193,75 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                     Ok(id) => respond(out, 200, format!("enqueued {id}\n").as_bytes()),
                     Err(e) => respond(out, 200, format!("error: {e:?}\n").as_bytes()),
                 }
+            }
+            "/partial" => {
+                let n: usize = query_param(query, "bytes")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(4096);
+                let response = OutgoingResponse::new(Fields::new());
+                let outgoing = response.body().expect("body is taken once");
+                ResponseOutparam::set(out, Ok(response));
+                let stream = outgoing.write().expect("stream is taken once");
+                for chunk in vec![b'x'; n].chunks(4096) {
+                    stream
+                        .blocking_write_and_flush(chunk)
+                        .expect("write response body");
+                }
+                panic!("testbed traps after answering");
+            }
+            "/noanswer" => drop(out),
+            "/fields" => {
+                let n: usize = query_param(query, "n")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                let kib: usize = query_param(query, "kib")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                let value = vec![b'v'; 1024];
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    let fields = Fields::new();
+                    for k in 0..kib {
+                        // Header names must differ; values may repeat.
+                        let name = format!("x-{k}");
+                        if fields.append(&name, &value).is_err() {
+                            break;
+                        }
+                    }
+                    held.push(fields);
+                }
+                respond(out, 200, format!("holding {}\n", held.len()).as_bytes());
+            }
+            "/streams" => {
+                let n: usize = query_param(query, "n")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                let held: Vec<_> = (0..n).map(|_| wasip2::cli::stdout::get_stdout()).collect();
+                respond(out, 200, format!("holding {}\n", held.len()).as_bytes());
+            }
+            "/print" => {
+                let parts = query_param(query, "parts").unwrap_or_default();
+                let stderr = wasip2::cli::stderr::get_stderr();
+                for part in parts.split(',') {
+                    let part = part
+                        .replace("%20", " ")
+                        .replace("%0A", "\n")
+                        .replace("%0D", "\r")
+                        .replace("%1B", "\u{1b}");
+                    stderr
+                        .blocking_write_and_flush(part.as_bytes())
+                        .expect("write stderr");
+                }
+                respond(out, 200, b"printed\n");
+            }
+            "/flood" => {
+                let n: usize = query_param(query, "n")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1000);
+                for i in 0..n {
+                    println!("flood line {i}");
+                }
+                respond(out, 200, format!("printed {n}\n").as_bytes());
             }
             _ => respond(out, 404, b"testbed: no such path\n"),
         }

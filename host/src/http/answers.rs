@@ -7,10 +7,15 @@
 //! |---|---|---|
 //! | 400 | no `Host` header and no authority in the target | `missing Host header` |
 //! | 404 | no route matches | ``no process type serves `PATH` `` |
-//! | 413 | `content-length` over `limits.body` | `request body is larger than N bytes` |
+//! | 408 | the body came slower than `[http] min_body_rate` | `request body arrived too slowly` |
+//! | 413 | the body is over `limits.body` (declared, or found while read) | `request body is larger than N bytes` |
+//! | 431 | the request head is over 64 KiB (hyper answers) | |
 //! | 503 + `Retry-After: 1` | the pool and its backlog are full, or no slot freed up within the timeout | `` `TYPE` is at capacity, retry later `` |
 //! | 504 | the unit ran past `limits.timeout` | `` `TYPE` did not answer within T `` |
-//! | 500 | any other failure: trap, fuel, memory, no instance, no answer | `` `TYPE` failed (trap) `` and the like |
+//! | 500 | any other failure: trap, fuel, memory, resources, no instance, no answer | `` `TYPE` failed (trap) `` and the like |
+//!
+//! A connection beyond `[http] max_connections` gets a fixed 503 from the
+//! accept loop (`crate::accept`) before any request is read.
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -62,6 +67,14 @@ pub(crate) fn too_large(limit: u64) -> HttpResponse {
     )
 }
 
+/// 408: the client sent its body slower than `[http] min_body_rate`.
+pub(crate) fn too_slow() -> HttpResponse {
+    text(
+        StatusCode::REQUEST_TIMEOUT,
+        "request body arrived too slowly\n".into(),
+    )
+}
+
 /// 503 with `Retry-After`: no room in the type's pool.
 pub(crate) fn at_capacity(process: &ProcessType) -> HttpResponse {
     let mut response = text(
@@ -90,6 +103,12 @@ pub(crate) fn failed(process: &ProcessType, failure: &Failure) -> HttpResponse {
             StatusCode::INTERNAL_SERVER_ERROR,
             "exceeded its memory limit".into(),
         ),
+        Failure::Resources => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "held more host resources than its limit".into(),
+        ),
+        // The client is gone or at fault; what it is told hardly matters.
+        Failure::Client(what) => (StatusCode::BAD_REQUEST, format!("could not finish: {what}")),
         Failure::Trap(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed (trap)".into()),
         Failure::Instantiate(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,

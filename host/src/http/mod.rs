@@ -28,24 +28,32 @@
 //! for I/O without blocking and resumes the connection at once.
 
 mod answers;
+mod body;
 mod request;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 pub use answers::HttpResponse;
 pub use request::ProxyWorld;
 
+use crate::accept::{Connections, accept_until};
+use crate::formation::HttpSettings;
 use crate::pool::Pool;
 use crate::router::Router;
+use body::{InFlight, ResponseBody};
+use request::Served;
+
+/// Largest request head (request line and headers) a client may send; a
+/// larger one gets 431.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
 
 /// Routes requests to the pools of web process types.
 pub type PoolRouter = Router<Arc<Pool<ProxyWorld>>>;
@@ -53,62 +61,97 @@ pub type PoolRouter = Router<Arc<Pool<ProxyWorld>>>;
 async fn dispatch(
     router: &PoolRouter,
     request: http::Request<hyper::body::Incoming>,
-) -> HttpResponse {
+    min_body_rate: u64,
+) -> Served {
     let host = request
         .uri()
         .authority()
         .map(|a| a.as_str())
         .or_else(|| request.headers().get(http::header::HOST)?.to_str().ok());
     let Some(host) = host else {
-        return answers::missing_host();
+        return answers::missing_host().into();
     };
     match router.resolve(Some(host), request.uri().path()) {
-        Some(pool) => request::serve(pool, request).await,
-        None => answers::no_route(request.uri().path()),
+        Some(pool) => request::serve(pool, request, min_body_rate).await,
+        None => answers::no_route(request.uri().path()).into(),
     }
 }
 
-/// Serves HTTP on `listener` until `shutdown` resolves, then drains open
-/// connections for at most `grace`.
+/// Serves HTTP on `listener` as `settings` say until `shutdown` resolves,
+/// then lets open connections finish their answers for at most
+/// `settings.shutdown_grace`.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<PoolRouter>,
+    settings: HttpSettings,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    crate::accept::accept_until(&listener, shutdown, "HTTP", |stream, peer| {
-        let router = router.clone();
-        let service = service_fn(move |request| {
+    let connections = Connections::new(settings.max_connections);
+    let (stop, stopping) = watch::channel(false);
+    let min_body_rate = settings.min_body_rate;
+    accept_until(
+        &listener,
+        shutdown,
+        "HTTP",
+        &connections,
+        |stream, peer, permit| {
             let router = router.clone();
-            async move {
-                let response = dispatch(&router, request).await;
-                // See the module docs: let the worker's other ready
-                // connections run before this answer is written.
-                tokio::task::yield_now().await;
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let connection = http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, "connection ended: {e}");
-            }
-        });
-    })
+            let in_flight = Arc::new(InFlight::default());
+            let counted = in_flight.clone();
+            let service = service_fn(move |request| {
+                let router = router.clone();
+                let in_flight = counted.clone();
+                in_flight.begin();
+                async move {
+                    let Served { response, exchange } =
+                        dispatch(&router, request, min_body_rate).await;
+                    let response =
+                        response.map(|body| ResponseBody::new(body, exchange, in_flight));
+                    // See the module docs: let the worker's other ready
+                    // connections run before this answer is written.
+                    tokio::task::yield_now().await;
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut stopping = stopping.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    ended = connection.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(%peer, "connection ended: {e}");
+                        }
+                        return;
+                    }
+                    _ = stopping.wait_for(|stop| *stop) => {}
+                }
+                // Shutting down: a connection with no request to answer (idle,
+                // or halfway through a request's head) closes now; the others
+                // finish the answer they are sending, without keep-alive.
+                if in_flight.is_idle() {
+                    return;
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            });
+        },
+    )
     .await;
     drop(listener);
+    let _ = stop.send(true);
+    let grace = settings.shutdown_grace;
     tracing::info!(
         "stopped accepting connections; finishing in-flight requests (grace {})",
         humantime::format_duration(grace)
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if !connections.all_closed(grace).await {
         tracing::warn!("grace period over: dropping the remaining connections");
     }
 }

@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header;
-use http_body_util::{BodyExt as _, Limited};
 use tokio::sync::oneshot;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
 use super::answers::{self, HttpResponse};
+use super::body::{ClientFault, Exchange, Guard, RequestBody};
 use crate::formation::WebRole;
 use crate::pool::{Failure, Lease, Pool};
 
@@ -52,11 +52,31 @@ enum Progress {
     Ended(Result<(), Failure>),
 }
 
-/// Serves one request with an instance of `pool`'s type.
+/// What [`serve`] hands the connection: the answer, and for a guest's
+/// answer the exchange its body reports to.
+pub(crate) struct Served {
+    /// The answer.
+    pub response: HttpResponse,
+    /// The exchange, when the guest answered.
+    pub exchange: Option<Arc<Exchange>>,
+}
+
+impl From<HttpResponse> for Served {
+    fn from(response: HttpResponse) -> Self {
+        Served {
+            response,
+            exchange: None,
+        }
+    }
+}
+
+/// Serves one request with an instance of `pool`'s type; a client must
+/// send its body at `min_body_rate` bytes a second or more (0: no check).
 pub(crate) async fn serve(
     pool: &Arc<Pool<ProxyWorld>>,
     request: http::Request<hyper::body::Incoming>,
-) -> HttpResponse {
+    min_body_rate: u64,
+) -> Served {
     let process = pool.process();
     let limit = process.limits.body;
     let declared = request
@@ -64,24 +84,44 @@ pub(crate) async fn serve(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return answers::too_large(limit);
+        return answers::too_large(limit).into();
     }
     let Some(mut lease) = pool.admit(pool.role().backlog).await else {
         pool.stats.rejected.inc();
         tracing::debug!(process = %process.name, "pool full: 503");
-        return answers::at_capacity(process);
+        return answers::at_capacity(process).into();
     };
     let name = lease.instance().clone();
     let method = request.method().clone();
     let uri = request.uri().clone();
+    let exchange = Arc::new(Exchange::default());
+    let waiting = Guard::hanging_up(&exchange);
+    let request =
+        request.map(|body| RequestBody::new(body, exchange.clone(), limit, min_body_rate));
     let (sender, mut receiver) = oneshot::channel();
     // The unit runs on this connection's task until the guest answers;
     // a guest still streaming its body then goes on in a task of its
     // own while hyper sends what it writes. Most units end before the
     // answer is even read, and cost no task, no wake-up, no other thread.
+    let unit_exchange = exchange.clone();
+    let unit_name = name.clone();
+    let unit_uri = uri.clone();
+    let unit_method = method.clone();
     let mut unit = Detached(Some(Box::pin(async move {
-        let outcome = run(&mut lease, limit, request, sender).await;
+        let outcome = run(&mut lease, request, sender, &unit_exchange).await;
         drop(lease);
+        if let Err(failure) = &outcome
+            && unit_exchange.has_answered()
+        {
+            // The client got the head of an answer; its body is cut.
+            log_failure(
+                &unit_name,
+                &unit_method,
+                &unit_uri,
+                failure,
+                "after it answered",
+            );
+        }
         outcome
     })));
     let progress = std::future::poll_fn(|cx| {
@@ -102,48 +142,118 @@ pub(crate) async fn serve(
         // It may have answered in the poll it ended in.
         Progress::Ended(outcome) => (receiver.try_recv().ok(), outcome),
     };
-    let failure = match answer {
-        Some(Ok(response)) => return response,
-        Some(Err(code)) => Failure::Trap(format!("guest answered with error {code:?}")),
-        None => ended.err().unwrap_or(Failure::NoResponse),
+    waiting.disarm();
+    let failure = match (answer, exchange.fault()) {
+        // The client broke the request: its fault decides the answer.
+        (_, Some(ClientFault::TooLarge)) => return answers::too_large(limit).into(),
+        (_, Some(ClientFault::TooSlow)) => return answers::too_slow().into(),
+        (Some(Ok(response)), _) if ended.is_ok() => {
+            exchange.answered();
+            return Served {
+                response,
+                exchange: Some(exchange),
+            };
+        }
+        (Some(Err(code)), _) => Failure::Trap(format!("guest answered with error {code:?}")),
+        (_, _) => ended.err().unwrap_or(Failure::NoResponse),
     };
-    let detail = failure.detail();
-    tracing::warn!(
-        instance = %name,
-        http.method = %method,
-        url.path = %uri.path(),
-        reason = failure.reason(),
-        "request failed ({}); instance discarded{}{detail}",
-        failure.reason(),
-        if detail.is_empty() { "" } else { ": " },
-    );
-    answers::failed(process, &failure)
+    log_failure(&name, &method, &uri, &failure, "");
+    answers::failed(process, &failure).into()
 }
 
-/// Runs one request in the lease's instance, reading at most `limit` bytes
-/// of its body.
+/// Logs a failed request: a warning for a guest's failure, a debug line
+/// for a client's.
+fn log_failure(
+    instance: &str,
+    method: &http::Method,
+    uri: &http::Uri,
+    failure: &Failure,
+    when: &str,
+) {
+    let detail = failure.detail();
+    let sep = if detail.is_empty() { "" } else { ": " };
+    let when = if when.is_empty() {
+        String::new()
+    } else {
+        format!(" {when}")
+    };
+    if failure.is_guests() {
+        tracing::warn!(
+            instance = %instance,
+            http.method = %method,
+            url.path = %uri.path(),
+            reason = failure.reason(),
+            "request failed{when} ({}); instance discarded{sep}{detail}",
+            failure.reason(),
+        );
+    } else {
+        tracing::debug!(
+            instance = %instance,
+            http.method = %method,
+            url.path = %uri.path(),
+            reason = failure.reason(),
+            "request ended by the client{when}{sep}{detail}",
+        );
+    }
+}
+
+/// Runs one request in the lease's instance.
+///
+/// The guest's answer goes through a relay: wasi-http gets a channel of
+/// the unit's own, and each poll of the unit forwards what the guest set
+/// to `sender`. So when the call returns the unit knows whether the guest
+/// answered — a guest that returned without answering fails its unit, and
+/// its instance is never reused.
 async fn run(
     lease: &mut Lease<ProxyWorld>,
-    limit: u64,
-    request: http::Request<hyper::body::Incoming>,
+    request: http::Request<RequestBody>,
     sender: oneshot::Sender<Answer>,
+    exchange: &Arc<Exchange>,
 ) -> Result<(), Failure> {
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let request = request.map(move |body| {
-        Limited::new(body, limit).map_err(move |e| match e.downcast::<hyper::Error>() {
-            Ok(e) => wasmtime_wasi_http::Error::Hyper(*e),
-            Err(_) => wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit as u64)),
-        })
-    });
     lease
         .run(async move |proxy, store| {
+            let guard = Guard::failing(exchange);
+            let (relay, mut relayed) = oneshot::channel();
             let mut http = store.data_mut().http();
             let req = http.new_incoming_request(Scheme::Http, request)?;
-            let out = http.new_response_outparam(sender)?;
-            proxy
+            let out = http.new_response_outparam(relay)?;
+            let call = proxy
                 .wasi_http_incoming_handler()
-                .call_handle(store, req, out)
-                .await
+                .call_handle(store, req, out);
+            let mut call = std::pin::pin!(call);
+            let mut sender = Some(sender);
+            let mut forward = |cx: &mut Context<'_>| {
+                if sender.is_some()
+                    && let Poll::Ready(Ok(answer)) = Pin::new(&mut relayed).poll(cx)
+                    && let Some(sender) = sender.take()
+                {
+                    let _ = sender.send(answer);
+                }
+            };
+            let called = std::future::poll_fn(|cx| {
+                let polled = call.as_mut().poll(cx);
+                forward(cx);
+                polled
+            })
+            .await;
+            if let Err(error) = called {
+                // A guest that trapped because its client broke the
+                // exchange (its reads or writes failed) is not to blame;
+                // its deadline, fuel and resources stay its own.
+                let budget = matches!(
+                    error.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt | wasmtime::Trap::OutOfFuel)
+                );
+                return Err(match exchange.fault() {
+                    Some(fault) if !budget => Failure::Client(fault.describe()).into(),
+                    _ => error,
+                });
+            }
+            if sender.is_some() {
+                return Err(Failure::NoResponse.into());
+            }
+            guard.disarm();
+            Ok(())
         })
         .await
 }

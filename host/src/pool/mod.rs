@@ -572,7 +572,9 @@ impl<W: World> Pool<W> {
             }
             Err(failure) => {
                 self.stats.record_failure(failure);
-                self.supervisor.failed(&self.process.name);
+                if failure.is_guests() {
+                    self.supervisor.failed(&self.process.name);
+                }
             }
         }
     }

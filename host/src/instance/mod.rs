@@ -15,17 +15,13 @@
 //! Rust guests built with std import `wasi:cli` interfaces outside the
 //! `wasi:http/proxy` world.
 
-use std::pin::Pin;
+mod log;
+
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use tokio::io::AsyncWrite;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -33,6 +29,8 @@ use crate::bindings::queue;
 use crate::formation::ProcessType;
 use crate::outbound::{Outbound, TypeOutbound};
 use crate::queue::{NewMessage, QueueError, Queues};
+use crate::throttle::Throttle;
+use log::GuestLog;
 
 /// The most table elements an instance may grow to.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
@@ -52,6 +50,8 @@ pub struct InstanceState {
     instance: Arc<str>,
     queues: Option<Queues>,
     may_enqueue: Arc<[String]>,
+    /// Warnings the guest causes (denied enqueues), at most a few a second.
+    warnings: Throttle,
 }
 
 impl InstanceState {
@@ -70,13 +70,18 @@ impl InstanceState {
         }
         wasi.env("WASMPROC_PROCESS", &process.name);
         wasi.env("WASMPROC_INSTANCE", instance);
-        wasi.stdout(GuestLog::new(instance, "stdout"));
-        wasi.stderr(GuestLog::new(instance, "stderr"));
+        let (stdout, stderr) = GuestLog::pair(instance, process.limits.log_rate);
+        wasi.stdout(stdout);
+        wasi.stderr(stderr);
         wasi.socket_addr_check(|_, _| Box::pin(async { false }));
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(process.limits.resources as usize);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(usize::try_from(process.limits.headers).unwrap_or(usize::MAX));
         InstanceState {
-            table: ResourceTable::new(),
+            table,
             wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
+            http,
             hooks: outbound.for_instance(instance),
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
@@ -84,9 +89,13 @@ impl InstanceState {
             instance: instance.clone(),
             queues: queues.cloned(),
             may_enqueue: process.enqueue.clone(),
+            warnings: Throttle::per_second(WARNINGS_PER_SECOND),
         }
     }
 }
+
+/// Warnings a guest may cause per second (with a burst of ten seconds' worth).
+const WARNINGS_PER_SECOND: u32 = 1;
 
 impl queue::Host for InstanceState {
     async fn enqueue(
@@ -99,11 +108,14 @@ impl queue::Host for InstanceState {
             return Err(denied());
         };
         if !self.may_enqueue.contains(&name) {
-            tracing::warn!(
-                instance = %self.instance,
-                queue = %name,
-                "enqueue denied: `{name}` is not in the process type's `enqueue` list"
-            );
+            if let Some(suppressed) = self.warnings.allow() {
+                tracing::warn!(
+                    instance = %self.instance,
+                    queue = %name,
+                    suppressed,
+                    "enqueue denied: `{name}` is not in the process type's `enqueue` list"
+                );
+            }
             return Err(denied());
         }
         let message = NewMessage {
@@ -120,8 +132,13 @@ impl queue::Host for InstanceState {
             Err(QueueError::UnknownQueue(q)) => Err(queue::EnqueueError::UnknownQueue(q)),
             Err(QueueError::TooLarge { limit, .. }) => Err(queue::EnqueueError::TooLarge(limit)),
             Err(QueueError::Unavailable(why)) => {
-                tracing::warn!(instance = %self.instance, queue = %name, "enqueue failed: {why}");
-                Err(queue::EnqueueError::Unavailable(why))
+                if let Some(suppressed) = self.warnings.allow() {
+                    tracing::warn!(instance = %self.instance, queue = %name, suppressed, "enqueue failed: {why}");
+                }
+                // The host's own error stays in the host's log.
+                Err(queue::EnqueueError::Unavailable(
+                    "the queue backend is unavailable".into(),
+                ))
             }
         }
     }
@@ -179,132 +196,4 @@ pub fn linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
         state
     })?;
     Ok(linker)
-}
-
-/// A guest's stdout or stderr: each complete line becomes one log event
-/// carrying the instance's name. A partial line is logged when the stream
-/// is dropped.
-#[derive(Clone)]
-struct GuestLog {
-    instance: Arc<str>,
-    stream: &'static str,
-}
-
-impl GuestLog {
-    fn new(instance: &Arc<str>, stream: &'static str) -> Self {
-        Self {
-            instance: instance.clone(),
-            stream,
-        }
-    }
-
-    fn writer(&self) -> GuestLogWriter {
-        GuestLogWriter {
-            log: self.clone(),
-            partial: Vec::new(),
-        }
-    }
-}
-
-impl IsTerminal for GuestLog {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestLog {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(self.writer())
-    }
-
-    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(self.writer())
-    }
-}
-
-/// Longest line kept before it is logged in pieces.
-const MAX_LOG_LINE: usize = 16 << 10;
-
-struct GuestLogWriter {
-    log: GuestLog,
-    partial: Vec<u8>,
-}
-
-impl GuestLogWriter {
-    fn emit(&self, line: &[u8]) {
-        let line = String::from_utf8_lossy(line);
-        let line = line.trim_end_matches(['\r', '\n']);
-        tracing::info!(
-            target: "guest",
-            instance = %self.log.instance,
-            stream = self.log.stream,
-            "{line}"
-        );
-    }
-
-    fn push(&mut self, mut bytes: &[u8]) {
-        while let Some(i) = bytes.iter().position(|b| *b == b'\n') {
-            if self.partial.is_empty() {
-                self.emit(&bytes[..i]);
-            } else {
-                self.partial.extend_from_slice(&bytes[..i]);
-                let line = std::mem::take(&mut self.partial);
-                self.emit(&line);
-            }
-            bytes = &bytes[i + 1..];
-        }
-        self.partial.extend_from_slice(bytes);
-        if self.partial.len() >= MAX_LOG_LINE {
-            let line = std::mem::take(&mut self.partial);
-            self.emit(&line);
-        }
-    }
-}
-
-impl Drop for GuestLogWriter {
-    fn drop(&mut self) {
-        if !self.partial.is_empty() {
-            let line = std::mem::take(&mut self.partial);
-            self.emit(&line);
-        }
-    }
-}
-
-#[wasmtime_wasi::async_trait]
-impl Pollable for GuestLogWriter {
-    async fn ready(&mut self) {}
-}
-
-impl OutputStream for GuestLogWriter {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.push(&bytes);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(64 << 10)
-    }
-}
-
-impl AsyncWrite for GuestLogWriter {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.push(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }

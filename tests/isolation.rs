@@ -261,11 +261,11 @@ fn clients_that_hang_up_are_not_guest_failures() {
         common::metric(text, name, &labels)
     };
     host.wait_until("every started unit ended", |_| {
-        let text = request(&host.admin, "GET", "/metrics", None, None).body;
+        let text = host.metrics();
         let started = value(&text, "wasmproc_units_started_total", None);
         started >= 20.0 && value(&text, "wasmproc_unit_duration_seconds_count", None) == started
     });
-    let text = request(&host.admin, "GET", "/metrics", None, None).body;
+    let text = host.metrics();
     let started = value(&text, "wasmproc_units_started_total", None);
     let succeeded = value(&text, "wasmproc_units_succeeded_total", None);
     let client = value(&text, "wasmproc_units_failed_total", Some("client"));
@@ -409,4 +409,70 @@ fn a_closed_stdout_does_not_stop_the_host() {
         .args(["-TERM", "-f", &formation.display().to_string()])
         .status();
     let _ = child.wait();
+}
+
+#[test]
+fn web_pages_and_stale_tokens_cannot_drive_the_admin_api() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let host = Host::start(&attacked("", "scale = 2"));
+    let token_file = host.dir().join(".wasmproc/admin.token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    let post = |headers: &[(&str, &str)]| {
+        common::request_with(&host.admin, "POST", "/scale", headers, Some(b"testbed=7")).status
+    };
+    // A form a page posts (text/plain, its own Origin), with no token.
+    assert_eq!(
+        post(&[
+            ("origin", "http://evil.example"),
+            ("content-type", "text/plain")
+        ]),
+        403
+    );
+    // A DNS-rebinding page: its own name as Host, a matching Origin.
+    let admin_port = host.admin.rsplit(':').next().unwrap().to_string();
+    let rebound = format!("evil.example:{admin_port}");
+    let origin = format!("http://{rebound}");
+    assert_eq!(post(&[("host", &rebound), ("origin", &origin)]), 403);
+    // No token, or a wrong one.
+    assert_eq!(post(&[]), 401);
+    assert_eq!(post(&[("authorization", "Bearer guess")]), 401);
+    // Nothing changed; the CLI, with the host's own token, works.
+    let (code, stdout, stderr) = host.cli(&["scale", "testbed=3"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "testbed=3");
+}
+
+#[test]
+fn the_cli_sends_the_token_named_by_token_env_to_an_explicit_address() {
+    let host = Host::start_with(
+        &attacked("", "").replace(
+            "[http]",
+            "[admin]\ntoken_env = \"MY_ADMIN_TOKEN\"\n\n[http]",
+        ),
+        &common::shared_cache(),
+        &[("MY_ADMIN_TOKEN", "operator-secret")],
+    );
+    let out = common::wasmproc()
+        .args(["ps", "--admin", &host.admin, "--formation"])
+        .arg(host.dir().join("formation.toml"))
+        .env("MY_ADMIN_TOKEN", "operator-secret")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = common::wasmproc()
+        .args(["ps", "--admin", &host.admin])
+        .env("WASMPROC_ADMIN_TOKEN", "not-it")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing or wrong bearer token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

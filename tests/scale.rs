@@ -240,7 +240,7 @@ fn metrics_health_and_readiness() {
         assert_eq!(host.get("/").status, 200);
     }
     assert_eq!(host.get("/trap").status, 500);
-    let text = request(&host.admin, "GET", "/metrics", None, None).body;
+    let text = host.metrics();
     let web = "process=\"web\"";
     assert_eq!(metric(&text, "wasmproc_units_started_total", &[web]), 4.0);
     assert_eq!(metric(&text, "wasmproc_units_succeeded_total", &[web]), 3.0);

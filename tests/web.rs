@@ -334,7 +334,7 @@ fn a_unit_whose_client_hangs_up_still_runs_to_its_end() {
     ];
     let start = std::time::Instant::now();
     loop {
-        let metrics = request(&host.admin, "GET", "/metrics", None, None).body;
+        let metrics = host.metrics();
         if ended.iter().all(|e| metrics.lines().any(|l| l == *e)) {
             break;
         }

@@ -3,9 +3,14 @@
 //! admin routes and return what they answer, decoded.
 //!
 //! A host writes its admin address to `.wasmproc/admin.addr` beside its
-//! formation; `--admin ADDR` overrides that. Every path segment and query
-//! value the client builds is percent-encoded, so a value such as a delay
-//! of `1m 30s` reaches the host as written.
+//! formation and the token it generated at start to `.wasmproc/admin.token`;
+//! the client sends that token to that address, and nothing else — so an
+//! address file left by a host that died never receives a secret meant for
+//! another process. `--admin ADDR` names an address instead; the token is
+//! then the operator's, from the variable the formation's `[admin]
+//! token_env` names (`WASMPROC_ADMIN_TOKEN` by default). Every path segment
+//! and query value the client builds is percent-encoded, so a value such as
+//! a delay of `1m 30s` reaches the host as written.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,6 +36,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 /// A running host's admin API.
 pub struct AdminClient {
     addr: String,
+    token: Option<String>,
 }
 
 impl AdminClient {
@@ -38,23 +44,33 @@ impl AdminClient {
     pub fn find(explicit: Option<&str>, formation: &Path) -> anyhow::Result<AdminClient> {
         if let Some(addr) = explicit {
             let addr = addr.trim_start_matches("http://").trim_end_matches('/');
-            return Ok(AdminClient { addr: addr.into() });
+            let token = std::env::var(token_env(formation))
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty());
+            return Ok(AdminClient {
+                addr: addr.into(),
+                token,
+            });
         }
         let dir = formation
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file = dir.join(".wasmproc").join("admin.addr");
-        let addr = std::fs::read_to_string(&file).with_context(|| {
-            format!(
-                "no running host found for `{}` (cannot read `{}`); start one with `wasmproc run`, or pass `--admin ADDR`",
-                formation.display(),
-                file.display()
-            )
-        })?;
-        Ok(AdminClient {
-            addr: addr.trim().to_string(),
-        })
+            .unwrap_or(Path::new("."))
+            .join(".wasmproc");
+        let read = |name: &str| {
+            let file = dir.join(name);
+            std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "no running host found for `{}` (cannot read `{}`); start one with `wasmproc run`, or pass `--admin ADDR`",
+                    formation.display(),
+                    file.display()
+                )
+            })
+        };
+        let addr = read("admin.addr")?.trim().to_string();
+        let token = Some(read("admin.token")?.trim().to_string());
+        Ok(AdminClient { addr, token })
     }
 
     /// `POST /queues/Q/messages`: enqueues `body`; returns the message id.
@@ -149,13 +165,8 @@ impl AdminClient {
         if let Some(ct) = content_type {
             request = request.header(http::header::CONTENT_TYPE, ct);
         }
-        if let Ok(token) = std::env::var(crate::formation::DEFAULT_TOKEN_ENV)
-            && !token.trim().is_empty()
-        {
-            request = request.header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            );
+        if let Some(token) = &self.token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let response = sender
             .send_request(request.body(Full::new(Bytes::from(body)))?)
@@ -169,6 +180,22 @@ impl AdminClient {
         serde_json::from_str(&text)
             .with_context(|| format!("the admin API answered `{path}` with unexpected JSON"))
     }
+}
+
+/// The variable holding the operator's admin token: the one `formation`'s
+/// `[admin] token_env` names, if the file says, else the default.
+fn token_env(formation: &Path) -> String {
+    std::fs::read_to_string(formation)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|table| {
+            table
+                .get("admin")?
+                .get("token_env")?
+                .as_str()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| crate::formation::DEFAULT_TOKEN_ENV.to_string())
 }
 
 /// A path segment, percent-encoded.

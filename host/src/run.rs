@@ -276,19 +276,15 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     };
     let control = Arc::new(Control::new(&prepared, &formation, cache, queues.clone()));
     let mut tasks = tokio::task::JoinSet::new();
+    let keys = admin::Keys::generate(formation.admin.token.as_deref())?;
+    let admin_files = AdminFiles::write(&formation.dir, admin_addr, keys.per_start());
     tasks.spawn(admin::serve(
         admin_listener,
         control.clone(),
-        formation.admin.token.clone(),
+        keys,
         until_stopped(stopped.clone()),
     ));
     tasks.spawn(autoscale::run(control.clone(), stopped.clone()));
-    let addr_file = formation.dir.join(".wasmproc").join("admin.addr");
-    if let Err(e) = std::fs::create_dir_all(formation.dir.join(".wasmproc"))
-        .and_then(|()| std::fs::write(&addr_file, admin_addr.to_string()))
-    {
-        tracing::warn!("cannot write `{}`: {e}", addr_file.display());
-    }
     tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
 
     for pool in &prepared.pools {
@@ -367,9 +363,58 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
             tracing::warn!(process = %pool.process().name, "grace period over: abandoning running units");
         }
     }
-    let _ = std::fs::remove_file(&addr_file);
+    drop(admin_files);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where the CLI finds a running host: `.wasmproc/admin.addr` (the admin
+/// address) and `.wasmproc/admin.token` (the token generated at start,
+/// readable by the owner only), beside the formation. The token is written
+/// first, so a CLI that reads this start's address reads its token too.
+/// Both are removed when the host stops.
+struct AdminFiles {
+    files: Vec<PathBuf>,
+}
+
+impl AdminFiles {
+    fn write(dir: &std::path::Path, addr: std::net::SocketAddr, token: &str) -> AdminFiles {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let folder = dir.join(".wasmproc");
+        let token_file = folder.join("admin.token");
+        let addr_file = folder.join("admin.addr");
+        let written = std::fs::create_dir_all(&folder)
+            .and_then(|()| {
+                // A fresh file, so an old one's looser mode is not kept.
+                let _ = std::fs::remove_file(&token_file);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&token_file)?
+                    .write_all(token.as_bytes())
+            })
+            .and_then(|()| std::fs::write(&addr_file, addr.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(
+                "cannot write `{}` and `{}`: {e}; the CLI will need `--admin {addr}` and a token",
+                addr_file.display(),
+                token_file.display()
+            );
+        }
+        AdminFiles {
+            files: vec![addr_file, token_file],
+        }
+    }
+}
+
+impl Drop for AdminFiles {
+    fn drop(&mut self) {
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
 }
 
 /// Memory mappings one live instance takes (its linear memory, tables and

@@ -267,11 +267,23 @@ pub fn request(
     host: Option<&str>,
     body: Option<&[u8]>,
 ) -> Reply {
+    let headers: Vec<(&str, &str)> = host.map(|h| ("host", h)).into_iter().collect();
+    request_with(addr, method, path, &headers, body)
+}
+
+/// Sends one request to `addr` with `headers`.
+pub fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
     let agent = agent();
     let url = format!("http://{addr}{path}");
     let mut builder = http::Request::builder().method(method).uri(&url);
-    if let Some(host) = host {
-        builder = builder.header("host", host);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
     let response = match body {
         Some(body) => agent.run(builder.body(body.to_vec()).unwrap()),
@@ -392,13 +404,33 @@ impl Host {
 
     /// The admin API: POST a message; returns status and body.
     pub fn enqueue(&self, queue: &str, body: &str) -> Reply {
-        request(
-            &self.admin,
+        self.admin_request(
             "POST",
             &format!("/queues/{queue}/messages"),
-            None,
             Some(body.as_bytes()),
         )
+    }
+
+    /// The token the host wrote beside its formation at start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir().join(".wasmproc/admin.token")).unwrap()
+    }
+
+    /// A request to the admin API, with the host's token.
+    pub fn admin_request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
+        let bearer = format!("Bearer {}", self.admin_token());
+        request_with(
+            &self.admin,
+            method,
+            path,
+            &[("authorization", &bearer)],
+            body,
+        )
+    }
+
+    /// `GET /metrics` on the admin API.
+    pub fn metrics(&self) -> String {
+        self.admin_request("GET", "/metrics", None).body
     }
 }
 

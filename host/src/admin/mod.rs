@@ -16,12 +16,13 @@
 //! Errors are JSON `{"error": "…"}`: 404 for an unknown queue, type or
 //! path, 413 for a message over `[queue] max_message`, 400 for a bad
 //! parameter, 409 for a scale beyond capacity, 422 for a refused artifact,
-//! 503 when the backend fails, 401 without the bearer token when one is set
-//! (`/healthz` and `/readyz` never need it, for probes).
+//! 503 when the backend fails, 401 without a valid bearer token and 403
+//! for a request a browser sent for a web page (see [`guard`]; `/healthz`
+//! and `/readyz` need neither, for probes).
 //!
-//! The bound address is logged (`admin API on http://…`) and
-//! written to `.wasmproc/admin.addr` beside the formation, where the CLI
-//! (`wasmproc enqueue`, `wasmproc dlq`) finds it.
+//! The bound address is logged (`admin API on http://…`) and written to
+//! `.wasmproc/admin.addr` beside the formation, and the token generated at
+//! start to `.wasmproc/admin.token` (mode 0600), where the CLI finds them.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -36,9 +37,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+mod guard;
+
+pub use guard::Keys;
+
 use crate::accept::{Connections, accept_until};
 use crate::control::{ChangeError, Control, ScaleChange};
 use crate::queue::{NewMessage, QueueError, Queues};
+use guard::Refusal;
 
 type AdminResponse = Response<Full<Bytes>>;
 
@@ -115,7 +121,8 @@ fn segments(uri: &http::Uri) -> Vec<Cow<'_, str>> {
 
 async fn handle(
     control: &Control,
-    token: Option<&str>,
+    keys: &Keys,
+    loopback: bool,
     request: http::Request<hyper::body::Incoming>,
 ) -> AdminResponse {
     let uri = request.uri().clone();
@@ -123,14 +130,7 @@ async fn handle(
     let path: Vec<&str> = segments.iter().map(|s| s.as_ref()).collect();
     let method = request.method().clone();
     let queues = control.queues();
-    let authorized = token.is_none_or(|token| {
-        request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| given.trim() == token)
-    });
+    let refused = keys.check(request.headers(), loopback).err();
     match (method, path.as_slice()) {
         (Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (Method::GET, ["readyz"]) => {
@@ -140,7 +140,13 @@ async fn handle(
                 error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
             }
         }
-        _ if !authorized => error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        _ if let Some(refusal) = refused => {
+            let status = match refusal {
+                Refusal::Token => StatusCode::UNAUTHORIZED,
+                Refusal::Browser | Refusal::Host => StatusCode::FORBIDDEN,
+            };
+            error(status, refusal.message())
+        }
         (Method::GET, ["metrics"]) => {
             let mut response = Response::new(Full::new(Bytes::from(crate::metrics::encode(
                 control.registry(),
@@ -279,33 +285,43 @@ async fn enqueue(
     }
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves. With a
-/// `token`, every request but the probes must carry it as a bearer token.
+/// Serves the admin API on `listener` until `shutdown` resolves; every
+/// request but the probes must carry one of `keys`' tokens.
 pub async fn serve(
     listener: TcpListener,
     control: Arc<Control>,
-    token: Option<String>,
+    keys: Keys,
     shutdown: impl Future<Output = ()>,
 ) {
-    let token: Arc<Option<String>> = Arc::new(token);
+    let keys = Arc::new(keys);
+    let loopback = listener
+        .local_addr()
+        .map(|addr| addr.ip().is_loopback())
+        .unwrap_or(true);
     let connections = Connections::new(MAX_CONNECTIONS);
-    accept_until(&listener, shutdown, "admin API", &connections, |stream, _, permit| {
-        let control = control.clone();
-        let token = token.clone();
-        let service = service_fn(move |request| {
+    accept_until(
+        &listener,
+        shutdown,
+        "admin API",
+        &connections,
+        |stream, _, permit| {
             let control = control.clone();
-            let token = token.clone();
-            async move { Ok::<_, Infallible>(handle(&control, token.as_deref(), request).await) }
-        });
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(crate::http::MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    })
+            let keys = keys.clone();
+            let service = service_fn(move |request| {
+                let control = control.clone();
+                let keys = keys.clone();
+                async move { Ok::<_, Infallible>(handle(&control, &keys, loopback, request).await) }
+            });
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(crate::http::MAX_HEAD_BYTES)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        },
+    )
     .await;
 }

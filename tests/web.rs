@@ -397,6 +397,52 @@ fn check_validates_and_compiles_without_serving() {
 }
 
 #[test]
+fn check_refuses_a_component_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.wasm");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let path = dir.path().join("formation.toml");
+    std::fs::write(
+        &path,
+        "[process.a]\nkind = \"web\"\ncomponent = \"fifo.wasm\"\nroutes = [\"/a\"]\n\n[process.b]\nkind = \"web\"\ncomponent = \"/dev/zero\"\nroutes = [\"/b\"]\n",
+    )
+    .unwrap();
+    // Neither blocks on the FIFO nor reads /dev/zero until memory runs out.
+    let out = wasmproc().arg("check").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("fifo.wasm` is not a regular file")
+            && stderr.contains("`/dev/zero` is not a regular file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn duplicate_or_empty_host_headers_get_400() {
+    use std::io::{Read as _, Write as _};
+    let host = Host::start(&testbed(""));
+    for head in [
+        "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n",
+    ] {
+        let mut stream = std::net::TcpStream::connect(&host.addr).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut seen = String::new();
+        let _ = stream.read_to_string(&mut seen);
+        assert!(seen.starts_with("HTTP/1.1 400"), "{head:?}: {seen}");
+        assert!(
+            seen.contains("expected exactly one non-empty Host header"),
+            "{seen}"
+        );
+    }
+}
+
+#[test]
 fn the_examples_build_and_check() {
     for example in [
         "examples/hello/formation.toml",

@@ -11,7 +11,8 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use tokio::sync::watch;
 
 use crate::bindings::clock::exports::wasmproc::host::scheduled::Tick;
@@ -52,16 +53,30 @@ async fn run_tick(lease: &mut Lease<ClockWorld>, tick: &Tick) -> Ticked {
     }
 }
 
+/// The first firing of `clock` strictly after `after`, in real time. Daylight
+/// saving is handled as the Open Cron Pattern Specification says: a fixed
+/// time that falls in a spring-forward gap fires right after the gap, once;
+/// a fixed time in a fall-back overlap fires once, at its first occurrence;
+/// interval schedules (`*/N`) fire on each real occurrence.
+fn next_firing(clock: &ClockRole, after: &DateTime<Tz>) -> Option<DateTime<Tz>> {
+    clock.schedule.find_next_occurrence(after, false).ok()
+}
+
 /// Runs the pool's schedule until `shutdown` turns true.
 pub async fn schedule(pool: Arc<Pool<ClockWorld>>, mut shutdown: watch::Receiver<bool>) {
     let process = pool.process().clone();
     let clock = pool.role().clone();
+    let mut last: Option<DateTime<Tz>> = None;
     loop {
+        // From now, but never from before the last firing: a clock read a
+        // hair early must not fire the same time twice.
         let now = Utc::now().with_timezone(&clock.timezone);
-        let Some(next) = clock.schedule.after(&now).next() else {
+        let from = last.map_or(now, |last| last.max(now));
+        let Some(next) = next_firing(&clock, &from) else {
             tracing::info!(process = %process.name, "schedule `{}` has no more firings", clock.expression);
             break;
         };
+        last = Some(next);
         let wait = (next - now).to_std().unwrap_or_default();
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -97,5 +112,84 @@ pub async fn schedule(pool: Arc<Pool<ClockWorld>>, mut shutdown: watch::Receiver
                 ),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone as _;
+
+    fn paris(expression: &str) -> ClockRole {
+        let schedule = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .build()
+            .parse(expression)
+            .unwrap();
+        ClockRole {
+            expression: expression.into(),
+            schedule: Box::new(schedule),
+            timezone: chrono_tz::Europe::Paris,
+        }
+    }
+
+    /// The firings of `clock` after `from`, as UTC times, `n` of them.
+    fn firings(clock: &ClockRole, from: DateTime<Tz>, n: usize) -> Vec<String> {
+        let mut at = from;
+        (0..n)
+            .map(|_| {
+                at = next_firing(clock, &at).unwrap();
+                at.with_timezone(&Utc).format("%m-%d %H:%M").to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fixed_time_in_the_spring_forward_gap_fires_once_right_after_it() {
+        // Paris, 2026-03-29: 02:00 CET becomes 03:00 CEST (01:00 UTC).
+        let clock = paris("0 30 2 * * *");
+        let from = chrono_tz::Europe::Paris
+            .with_ymd_and_hms(2026, 3, 28, 12, 0, 0)
+            .unwrap();
+        // 02:30 CET the day before the gap is 01:30 UTC; in the gap it fires
+        // at 03:00 CEST (01:00 UTC); after it, 02:30 CEST is 00:30 UTC.
+        let from = from - chrono::Duration::days(1);
+        assert_eq!(
+            firings(&clock, from, 3),
+            ["03-28 01:30", "03-29 01:00", "03-30 00:30"]
+        );
+    }
+
+    #[test]
+    fn a_fixed_time_in_the_fall_back_overlap_fires_once() {
+        // Paris, 2026-10-25: 03:00 CEST becomes 02:00 CET (01:00 UTC); 02:30
+        // happens at 00:30 and at 01:30 UTC.
+        let clock = paris("0 30 2 * * *");
+        let from = chrono_tz::Europe::Paris
+            .with_ymd_and_hms(2026, 10, 24, 12, 0, 0)
+            .unwrap();
+        assert_eq!(
+            firings(&clock, from, 3),
+            ["10-25 00:30", "10-26 01:30", "10-27 01:30"]
+        );
+    }
+
+    #[test]
+    fn an_interval_fires_on_each_real_occurrence_through_the_overlap() {
+        let clock = paris("0 0,30 * * * *");
+        let from = chrono_tz::Europe::Paris
+            .with_ymd_and_hms(2026, 10, 25, 1, 45, 0)
+            .unwrap();
+        // 02:00 and 02:30 CEST, then 02:00 and 02:30 CET: every half hour of real time.
+        assert_eq!(
+            firings(&clock, from, 5),
+            [
+                "10-25 00:00",
+                "10-25 00:30",
+                "10-25 01:00",
+                "10-25 01:30",
+                "10-25 02:00"
+            ]
+        );
     }
 }

@@ -340,15 +340,40 @@ pub fn digest(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Reads a component file, with a message that names it.
+///
+/// Only a regular file of at most [`MAX_COMPONENT_BYTES`] is read: a FIFO
+/// would block `check` forever, and `/dev/zero` would fill memory.
 pub fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(bytes),
+    use std::io::Read as _;
+    let shown = path.display();
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("component file `{}` does not exist", path.display())
+            bail!("component file `{shown}` does not exist")
         }
-        Err(e) => bail!("cannot read component file `{}`: {e}", path.display()),
+        Err(e) => bail!("cannot read component file `{shown}`: {e}"),
+    };
+    if !metadata.is_file() {
+        bail!("component `{shown}` is not a regular file: expected a `.wasm` file");
     }
+    if metadata.len() > MAX_COMPONENT_BYTES {
+        bail!(
+            "component file `{shown}` is {} bytes: expected at most {MAX_COMPONENT_BYTES}",
+            metadata.len()
+        );
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_COMPONENT_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| anyhow::anyhow!("cannot read component file `{shown}`: {e}"))?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        bail!("component file `{shown}` grew past {MAX_COMPONENT_BYTES} bytes while read");
+    }
+    Ok(bytes)
 }
+
+/// The largest component file wasmproc reads (or accepts in a deploy).
+pub const MAX_COMPONENT_BYTES: u64 = 256 << 20;
 
 #[cfg(test)]
 mod tests {

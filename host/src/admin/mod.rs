@@ -49,7 +49,7 @@ use guard::Refusal;
 type AdminResponse = Response<Full<Bytes>>;
 
 /// Largest component a deploy accepts.
-const MAX_ARTIFACT: usize = 256 << 20;
+const MAX_ARTIFACT: usize = crate::engine::MAX_COMPONENT_BYTES as usize;
 /// Connections the admin API keeps open at once: its own small budget, so
 /// it never competes with the HTTP front for descriptors.
 pub const MAX_CONNECTIONS: u32 = 64;

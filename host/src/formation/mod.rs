@@ -113,6 +113,8 @@ pub const MAX_MAX_MESSAGE: u64 = 64 << 20;
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
 /// The least instance capacity the pool reserves (see `[pool] capacity`).
 pub const MIN_CAPACITY: u32 = 1024;
+/// The most instances one host can pool.
+pub const MAX_CAPACITY: u32 = 2 * MAX_SCALE;
 /// The environment variable holding the admin API's bearer token, when
 /// `[admin] token_env` is absent.
 pub const DEFAULT_TOKEN_ENV: &str = "WASMPROC_ADMIN_TOKEN";
@@ -280,17 +282,16 @@ pub struct WorkerRole {
 pub struct ClockRole {
     /// The cron expression as written (seconds first).
     pub expression: String,
-    /// The parsed expression (boxed: it is ten times the size of the
+    /// The parsed expression (boxed: it is many times the size of the
     /// other roles).
-    pub schedule: Box<cron::Schedule>,
+    pub schedule: Box<croner::Cron>,
     /// The timezone the expression is read in.
     pub timezone: chrono_tz::Tz,
 }
 
 /// The kinds of process type, for messages and for code that treats every
 /// kind alike but for a word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Serves HTTP.
     Web,
@@ -298,6 +299,27 @@ pub enum Kind {
     Worker,
     /// Runs on a schedule.
     Clock,
+}
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KindVisitor;
+        impl serde::de::Visitor<'_> for KindVisitor {
+            type Value = Kind;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("one of `web`, `worker`, `clock`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Kind, E> {
+                match v {
+                    "web" => Ok(Kind::Web),
+                    "worker" => Ok(Kind::Worker),
+                    "clock" => Ok(Kind::Clock),
+                    other => Err(E::unknown_variant(other, &["web", "worker", "clock"])),
+                }
+            }
+        }
+        deserializer.deserialize_str(KindVisitor)
+    }
 }
 
 impl fmt::Display for Kind {
@@ -655,17 +677,29 @@ impl Formation {
         let capacity = match capacity.flatten() {
             Some(c) => {
                 let n = *c.get_ref();
-                if u64::from(n) < most || n > MAX_SCALE * 2 {
+                if u64::from(n) < most || n > MAX_CAPACITY {
                     problems.at(
                         c.span(),
-                        format!("`capacity` is {n}: expected from {most} (the process types' scales added up) to {}", MAX_SCALE * 2),
+                        format!("`capacity` is {n}: expected from {most} (the process types' scales added up) to {MAX_CAPACITY}"),
                     );
                 }
                 n
             }
-            None => u32::try_from(most.saturating_mul(2))
-                .unwrap_or(u32::MAX)
-                .max(MIN_CAPACITY),
+            None => {
+                if most > u64::from(MAX_CAPACITY) {
+                    problems.0.push(FormationError {
+                        span: None,
+                        message: format!(
+                            "the process types' scales add up to {most} instances: expected at most {MAX_CAPACITY}, the most one host can pool"
+                        ),
+                    });
+                }
+                // Twice the scales, for deploys and scale-ups, within bounds.
+                let doubled = most.saturating_mul(2).min(u64::from(MAX_CAPACITY));
+                u32::try_from(doubled)
+                    .unwrap_or(MAX_CAPACITY)
+                    .max(MIN_CAPACITY)
+            }
         };
         match (http, queue, admin) {
             (Some(http), queue, Some(admin)) if problems.0.is_empty() => Ok(Formation {

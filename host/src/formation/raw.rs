@@ -547,23 +547,34 @@ impl Process {
             );
             return None;
         };
-        let schedule = match expression.get_ref().parse::<cron::Schedule>() {
+        let text = expression.get_ref();
+        let parsed = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .build()
+            .parse(text);
+        let schedule = match parsed {
             Ok(schedule) => schedule,
             Err(e) => {
-                // The cron crate's message repeats the expression and a
-                // caret on lines of its own; keep only its last line.
-                let text = e.to_string();
-                let why = text.lines().last().unwrap_or_default().trim();
                 problems.at(
                     expression.span(),
                     format!(
-                        "invalid schedule `{}` ({why}): expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)",
-                        expression.get_ref()
+                        "invalid schedule `{text}` ({e}): expected a cron expression with seconds, such as \"0 */5 * * * *\" (sec min hour day month weekday)"
                     ),
                 );
                 return None;
             }
         };
+        // A schedule that never fires (`0 0 0 31 2 *`) is a mistake.
+        let now = chrono::Utc::now();
+        if schedule.find_next_occurrence(&now, false).is_err() {
+            problems.at(
+                expression.span(),
+                format!(
+                    "schedule `{text}` never fires: no date matches it (expected a cron expression that some date matches)"
+                ),
+            );
+            return None;
+        }
         Some(Role::Clock(ClockRole {
             expression: expression.get_ref().clone(),
             schedule: Box::new(schedule),

@@ -6,6 +6,7 @@
 //! | status | when | body |
 //! |---|---|---|
 //! | 400 | no `Host` header and no authority in the target | `missing Host header` |
+//! | 400 | an empty `Host` header, or several | `expected exactly one non-empty Host header` |
 //! | 404 | no route matches | ``no process type serves `PATH` `` |
 //! | 408 | the body came slower than `[http] min_body_rate` | `request body arrived too slowly` |
 //! | 413 | the body is over `limits.body` (declared, or found while read) | `request body is larger than N bytes` |
@@ -49,6 +50,14 @@ fn text(status: StatusCode, body: String) -> HttpResponse {
 /// 400: the request names no host.
 pub(crate) fn missing_host() -> HttpResponse {
     text(StatusCode::BAD_REQUEST, "missing Host header\n".into())
+}
+
+/// 400: the request has an empty `Host` header, or several.
+pub(crate) fn bad_host() -> HttpResponse {
+    text(
+        StatusCode::BAD_REQUEST,
+        "expected exactly one non-empty Host header\n".into(),
+    )
 }
 
 /// 404: no process type serves `path`.

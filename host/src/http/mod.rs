@@ -7,8 +7,8 @@
 //! - the listener is bound before this module runs (so a bad address fails
 //!   at start, and port 0 can be reported);
 //! - a request with no matching route gets 404 from the host; one with no
-//!   `Host` header (and no authority in its target) gets 400; a guest is
-//!   never started for either;
+//!   `Host` header (and no authority in its target), an empty one or more
+//!   than one gets 400; a guest is never started for any of them;
 //! - on shutdown the listener is closed first, then every open connection
 //!   finishes its in-flight request (keep-alive is turned off) within the
 //!   grace period; what remains after it is dropped.
@@ -63,11 +63,15 @@ async fn dispatch(
     request: http::Request<hyper::body::Incoming>,
     min_body_rate: u64,
 ) -> Served {
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| request.headers().get(http::header::HOST)?.to_str().ok());
+    // RFC 9112 §3.2: a request with no Host, an empty one or several is
+    // answered 400 (an absolute-form target carries its own authority).
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let header = match (hosts.next(), hosts.next()) {
+        (Some(host), None) if !host.is_empty() => host.to_str().ok(),
+        (None, None) => None,
+        _ => return answers::bad_host().into(),
+    };
+    let host = request.uri().authority().map(|a| a.as_str()).or(header);
     let Some(host) = host else {
         return answers::missing_host().into();
     };

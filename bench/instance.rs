@@ -23,17 +23,15 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use wasmproc::engine::{CompileCache, EpochTicker};
-use wasmproc::formation::{Formation, ProcessType};
-use wasmproc::instance::InstanceState;
-use wasmproc::outbound::TypeOutbound;
+use wasmproc::formation::Formation;
+use wasmproc::instance::{Grants, InstanceState};
 
 /// How long each figure is measured for.
 const MEASURE: Duration = Duration::from_secs(2);
 
 struct Subject {
     pre: ProxyPre<InstanceState>,
-    process: ProcessType,
-    outbound: TypeOutbound,
+    grants: Arc<Grants>,
     name: Arc<str>,
 }
 
@@ -44,7 +42,7 @@ impl Subject {
         Store<InstanceState>,
         wasmtime_wasi_http::p2::bindings::Proxy,
     ) {
-        let state = InstanceState::new(&self.process, &self.name, None, &self.outbound);
+        let state = InstanceState::new(&self.grants, &self.name);
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| state);
         store.set_epoch_deadline(u64::MAX / 2);
@@ -130,7 +128,7 @@ fn main() {
     let bytes = std::fs::read(&hello).expect("run guests/build.sh hello first");
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = CompileCache::new(cache_dir.path());
-    let prepared = wasmproc::run::prepare(&formation, &cache, None).unwrap();
+    let prepared = wasmproc::run::prepare(&formation, &cache, &Default::default()).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -150,8 +148,7 @@ fn main() {
         let pre = ProxyPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
         let subject = Subject {
             pre,
-            outbound: TypeOutbound::new(&process),
-            process: process.clone(),
+            grants: Arc::new(Grants::new(&Arc::new(process.clone()), None, None)),
             name: Arc::from("web.1"),
         };
         runtime.block_on(measure(label, &subject));

@@ -124,7 +124,15 @@ async fn wasmproc(backend: Arc<dyn Backend>, component: &Path, scale: u32, n: us
         1 << 20,
     );
     let cache = CompileCache::new(std::env::temp_dir().join("wasmproc-bench-cache"));
-    let prepared = wasmproc::run::prepare(&formation, &cache, Some(&queues)).unwrap();
+    let prepared = wasmproc::run::prepare(
+        &formation,
+        &cache,
+        &wasmproc::run::Backing {
+            queues: Some(queues.clone()),
+            keyvalue: None,
+        },
+    )
+    .unwrap();
     let _ticker = EpochTicker::start(&prepared.engine).unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();

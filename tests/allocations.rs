@@ -74,7 +74,7 @@ fn allocations_per_request(reuse: u32) -> u64 {
         .build()
         .unwrap();
     let cache = CompileCache::new(common::shared_cache());
-    let prepared = wasmproc::run::prepare(&formation, &cache, None).unwrap();
+    let prepared = wasmproc::run::prepare(&formation, &cache, &Default::default()).unwrap();
     let _ticker = EpochTicker::start(&prepared.engine).unwrap();
     let KindPool::Web(pool) = prepared.pools[0].clone() else {
         panic!("the formation has one web type");

@@ -142,6 +142,58 @@ impl AdminClient {
         Ok(deployed.generation)
     }
 
+    /// `GET /kv/B/K`: the value of `key` in `bucket`, if any.
+    pub async fn kv_get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = format!("/kv/{}/{}", segment(bucket), segment(key));
+        let (status, body) = self.send(Method::GET, &path, Vec::new(), None).await?;
+        match status {
+            http::StatusCode::OK => Ok(Some(body)),
+            http::StatusCode::NOT_FOUND
+                if error_text(&String::from_utf8_lossy(&body)).starts_with("no key") =>
+            {
+                Ok(None)
+            }
+            _ => bail!("{}", error_text(&String::from_utf8_lossy(&body))),
+        }
+    }
+
+    /// `PUT /kv/B/K`: sets `key` in `bucket` to `value`.
+    pub async fn kv_set(&self, bucket: &str, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
+        let path = format!("/kv/{}/{}", segment(bucket), segment(key));
+        let _: serde_json::Value = self.call(Method::PUT, &path, value, None).await?;
+        Ok(())
+    }
+
+    /// `DELETE /kv/B/K`: removes `key` from `bucket`.
+    pub async fn kv_delete(&self, bucket: &str, key: &str) -> anyhow::Result<()> {
+        let path = format!("/kv/{}/{}", segment(bucket), segment(key));
+        let _: serde_json::Value = self.call(Method::DELETE, &path, Vec::new(), None).await?;
+        Ok(())
+    }
+
+    /// `GET /kv/B`: every key of `bucket`, page after page.
+    pub async fn kv_list(&self, bucket: &str) -> anyhow::Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            keys: Vec<String>,
+            cursor: Option<u64>,
+        }
+        let mut keys = Vec::new();
+        let mut cursor = None;
+        loop {
+            let mut path = format!("/kv/{}", segment(bucket));
+            if let Some(cursor) = cursor {
+                path.push_str(&format!("?cursor={cursor}"));
+            }
+            let page: Page = self.call(Method::GET, &path, Vec::new(), None).await?;
+            keys.extend(page.keys);
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(keys),
+            }
+        }
+    }
+
     /// Sends one request; fails with the host's message unless it succeeded;
     /// decodes the JSON answer.
     async fn call<T: DeserializeOwned>(
@@ -151,6 +203,23 @@ impl AdminClient {
         body: Vec<u8>,
         content_type: Option<&str>,
     ) -> anyhow::Result<T> {
+        let (status, body) = self.send(method, path, body, content_type).await?;
+        let text = String::from_utf8_lossy(&body);
+        if !status.is_success() {
+            bail!("{}", error_text(&text));
+        }
+        serde_json::from_str(&text)
+            .with_context(|| format!("the admin API answered `{path}` with unexpected JSON"))
+    }
+
+    /// Sends one request; returns the status and the body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
         let addr = &self.addr;
         let stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -173,12 +242,7 @@ impl AdminClient {
             .await?;
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        if !status.is_success() {
-            bail!("{}", error_text(&text));
-        }
-        serde_json::from_str(&text)
-            .with_context(|| format!("the admin API answered `{path}` with unexpected JSON"))
+        Ok((status, body.to_vec()))
     }
 }
 

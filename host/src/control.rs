@@ -13,7 +13,7 @@
 //!   compile or lacks its kind's export is refused and the old one keeps
 //!   serving.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -28,9 +28,10 @@ use wasmtime::component::Linker;
 use crate::engine::{self, CompileCache, Footprint};
 use crate::formation::{Formation, Kind};
 use crate::instance::InstanceState;
+use crate::keyvalue::KeyValue;
 use crate::pool::ProcessPool;
 use crate::queue::Queues;
-use crate::run::Prepared;
+use crate::run::{Backing, Prepared};
 
 /// Why a scale or deploy request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +169,9 @@ pub struct Control {
     capacity: u32,
     slot: Footprint,
     queues: Option<Queues>,
+    keyvalue: Option<KeyValue>,
+    /// Every bucket some type is granted.
+    buckets: BTreeSet<String>,
     registry: Registry,
     ready: AtomicBool,
     rates: BTreeMap<String, (AtomicU64, AtomicU64)>,
@@ -175,12 +179,13 @@ pub struct Control {
 }
 
 impl Control {
-    /// The control plane over the pools `prepare` made for `formation`.
+    /// The control plane over the pools `prepare` made for `formation`,
+    /// whose guests use `backing`.
     pub fn new(
         prepared: &Prepared,
         formation: &Formation,
         cache: CompileCache,
-        queues: Option<Queues>,
+        backing: &Backing,
     ) -> Control {
         let pools: BTreeMap<String, Arc<dyn ProcessPool>> = prepared
             .pools
@@ -206,7 +211,13 @@ impl Control {
             cache,
             capacity: formation.capacity,
             slot: prepared.slot,
-            queues,
+            queues: backing.queues.clone(),
+            keyvalue: backing.keyvalue.clone(),
+            buckets: formation
+                .processes
+                .iter()
+                .flat_map(|p| p.keyvalue.iter().cloned())
+                .collect(),
             registry,
             ready: AtomicBool::new(false),
             rates,
@@ -222,6 +233,13 @@ impl Control {
     /// The queues, when the formation has workers.
     pub fn queues(&self) -> Option<&Queues> {
         self.queues.as_ref()
+    }
+
+    /// The key-value store and `bucket` in it, if some type is granted
+    /// that bucket.
+    pub fn bucket<'a>(&self, bucket: &'a str) -> Option<(&KeyValue, &'a str)> {
+        let store = self.keyvalue.as_ref()?;
+        self.buckets.contains(bucket).then_some((store, bucket))
     }
 
     /// The metrics registry.

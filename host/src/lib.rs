@@ -17,6 +17,7 @@
 //! | [`worker`] | the loop that feeds a queue to a worker pool and settles each message | what happens when a worker returns `retry` |
 //! | [`clock`] | the scheduler of clock instances | when a tick is skipped |
 //! | [`queue`] | durable queues: the embedded store and Redis Streams | the at-least-once contract |
+//! | [`keyvalue`] | `wasi:keyvalue` on the same kind of store | bucket grants and bounds |
 //! | [`control`] | the running host's control plane: scale, deploy, reload, `ps` | what SIGHUP changes |
 //! | `admin` | the admin API over the control plane | the admin routes and their errors |
 //! | `accept` | the accept loop every listener uses | what happens when descriptors run out |
@@ -39,6 +40,7 @@ pub mod engine;
 pub mod formation;
 pub mod http;
 pub mod instance;
+pub mod keyvalue;
 mod metrics;
 pub mod outbound;
 pub mod pool;

@@ -46,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Read and write the `wasi:keyvalue` buckets of a running host.
+    Kv {
+        #[command(subcommand)]
+        action: KvAction,
+    },
     /// Show the process types of a running host.
     Ps {
         #[command(flatten)]
@@ -130,6 +135,46 @@ enum DlqAction {
     },
 }
 
+#[derive(Subcommand)]
+enum KvAction {
+    /// Print the value of a key (exit 1 if there is none).
+    Get {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// Set a key's value.
+    Set {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The value; `-` or absent reads standard input.
+        value: Option<String>,
+    },
+    /// Remove a key.
+    Delete {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// Print every key of a bucket, one per line.
+    List {
+        #[command(flatten)]
+        host: HostArgs,
+        /// The bucket.
+        bucket: String,
+    },
+}
+
 #[derive(Args)]
 struct FormationArgs {
     /// The formation file.
@@ -177,6 +222,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Check(args) => serve_or_check(args, false),
         Command::Enqueue(args) => runtime()?.block_on(enqueue(args)),
         Command::Dlq { action } => runtime()?.block_on(dlq(action)),
+        Command::Kv { action } => runtime()?.block_on(kv(action)),
         Command::Ps { host, json } => runtime()?.block_on(async {
             let rows = host.client()?.ps().await?;
             if json {
@@ -222,7 +268,7 @@ fn serve_or_check(args: FormationArgs, serve: bool) -> anyhow::Result<()> {
     if serve {
         return runtime()?.block_on(run::run(formation, cache));
     }
-    run::prepare(&formation, &cache, None)?;
+    run::prepare(&formation, &cache, &run::Backing::default())?;
     let names: Vec<String> = formation
         .processes
         .iter()
@@ -238,15 +284,9 @@ fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 }
 
 async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
-    use std::io::Read as _;
-    let body = match (&args.file, args.body.as_deref()) {
-        (Some(file), _) => read(file)?,
-        (None, Some(body)) if body != "-" => body.as_bytes().to_vec(),
-        (None, _) => {
-            let mut body = Vec::new();
-            std::io::stdin().read_to_end(&mut body)?;
-            body
-        }
+    let body = match &args.file {
+        Some(file) => read(file)?,
+        None => value_or_stdin(args.body.as_deref())?,
     };
     let id = args
         .host
@@ -259,6 +299,45 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
         )
         .await?;
     println!("{id}");
+    Ok(())
+}
+
+/// The body of a command: `value`, or standard input when it is `-` or absent.
+fn value_or_stdin(value: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    match value {
+        Some(value) if value != "-" => Ok(value.as_bytes().to_vec()),
+        _ => {
+            let mut body = Vec::new();
+            std::io::stdin().read_to_end(&mut body)?;
+            Ok(body)
+        }
+    }
+}
+
+async fn kv(action: KvAction) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match action {
+        KvAction::Get { host, bucket, key } => match host.client()?.kv_get(&bucket, &key).await? {
+            Some(value) => std::io::stdout().write_all(&value)?,
+            None => anyhow::bail!("no key `{key}` in `{bucket}`"),
+        },
+        KvAction::Set {
+            host,
+            bucket,
+            key,
+            value,
+        } => {
+            let value = value_or_stdin(value.as_deref())?;
+            host.client()?.kv_set(&bucket, &key, value).await?;
+        }
+        KvAction::Delete { host, bucket, key } => host.client()?.kv_delete(&bucket, &key).await?,
+        KvAction::List { host, bucket } => {
+            for key in host.client()?.kv_list(&bucket).await? {
+                println!("{key}");
+            }
+        }
+    }
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use crate::control::Control;
 use crate::engine::{self, CacheOutcome, CompileCache, Demand, EpochTicker, Footprint};
 use crate::formation::{Formation, FormationError, Kind, ProcessType, Role};
 use crate::http::{PoolRouter, ProxyWorld};
+use crate::keyvalue::KeyValue;
 use crate::pool::{Parts, Pool, ProcessPool, World};
 use crate::queue::Queues;
 use crate::router::Router;
@@ -127,12 +128,46 @@ pub struct Prepared {
     pub digests: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
+/// The backing services (12-factor IV) guests reach through the host: the
+/// queues and the key-value store, each opened only when some process
+/// type uses it (`None` when checking only).
+#[derive(Clone, Default)]
+pub struct Backing {
+    /// The queues, when the formation has workers.
+    pub queues: Option<Queues>,
+    /// The key-value store, when some type lists `keyvalue` buckets.
+    pub keyvalue: Option<KeyValue>,
+}
+
+impl Backing {
+    /// Opens what `formation` needs.
+    pub async fn open(formation: &Formation) -> Result<Backing, Refused> {
+        let queues = if needs_queues(formation) {
+            let queues = Queues::open(formation)
+                .await
+                .map_err(|e| Refused(format!("cannot open the queue: {e:#}")))?;
+            Some(queues)
+        } else {
+            None
+        };
+        let keyvalue = if KeyValue::needed(formation) {
+            let store = KeyValue::open(formation)
+                .await
+                .map_err(|e| Refused(format!("cannot open the key-value store: {e:#}")))?;
+            Some(store)
+        } else {
+            None
+        };
+        Ok(Backing { queues, keyvalue })
+    }
+}
+
 /// Reads, inspects, compiles and links every component of `formation`.
 /// Guests enqueue through `queues` (`None` when checking only).
 pub fn prepare(
     formation: &Formation,
     cache: &CompileCache,
-    queues: Option<&Queues>,
+    backing: &Backing,
 ) -> anyhow::Result<Prepared> {
     let mut errors: Vec<FormationError> = Vec::new();
     let mut loaded = Vec::new();
@@ -196,7 +231,8 @@ pub fn prepare(
             component: &component,
             linker: &linker,
             fuel_metered,
-            queues,
+            queues: backing.queues.as_ref(),
+            keyvalue: backing.keyvalue.as_ref(),
         };
         match KindPool::new(process, &parts) {
             Ok(pool) => pools.push(pool),
@@ -238,16 +274,9 @@ pub fn needs_queues(formation: &Formation) -> bool {
 
 /// Serves `formation` until SIGTERM or SIGINT.
 pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()> {
-    let queues = if needs_queues(&formation) {
-        Some(
-            Queues::open(&formation)
-                .await
-                .map_err(|e| Refused(format!("cannot open the queue: {e:#}")))?,
-        )
-    } else {
-        None
-    };
-    let prepared = prepare(&formation, &cache, queues.as_ref())?;
+    let backing = Backing::open(&formation).await?;
+    let queues = backing.queues.clone();
+    let prepared = prepare(&formation, &cache, &backing)?;
     check_map_count(formation.capacity);
     check_open_files(&formation);
     let _ticker = EpochTicker::start(&prepared.engine)?;
@@ -274,7 +303,7 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let control = Arc::new(Control::new(&prepared, &formation, cache, queues.clone()));
+    let control = Arc::new(Control::new(&prepared, &formation, cache, &backing));
     let mut tasks = tokio::task::JoinSet::new();
     let keys = admin::Keys::generate(formation.admin.token.as_deref())?;
     let admin_files = AdminFiles::write(&formation.dir, admin_addr, keys.per_start());

@@ -40,14 +40,21 @@ pub fn guest(name: &str) -> String {
     guests().join(format!("{name}.wasm")).display().to_string()
 }
 
-/// Replaces `{hello}`, `{testbed}`, `{testworker}`, `{testclock}` with
-/// the paths of the built guests.
+/// Replaces `{hello}`, `{testbed}`, `{testworker}`, `{testclock}`,
+/// `{testkv}`, `{kvworker}` with the paths of the built guests.
 pub fn expand(formation: &str) -> String {
-    ["hello", "testbed", "testworker", "testclock"]
-        .iter()
-        .fold(formation.to_string(), |text, name| {
-            text.replace(&format!("{{{name}}}"), &guest(name))
-        })
+    [
+        "hello",
+        "testbed",
+        "testworker",
+        "testclock",
+        "testkv",
+        "kvworker",
+    ]
+    .iter()
+    .fold(formation.to_string(), |text, name| {
+        text.replace(&format!("{{{name}}}"), &guest(name))
+    })
 }
 
 /// A compile cache shared by the tests, so each guest compiles once.

@@ -12,6 +12,10 @@
 //! | `POST /queues/Q/messages[?delay=5s]`         | enqueues the body (its `content-type` kept); `202 {"id": …}` |
 //! | `GET /queues/Q/dead-letters`                 | the dead letters of Q, as JSON         |
 //! | `POST /queues/Q/dead-letters/replay[?ids=a,b]` | moves dead letters back to Q; `{"replayed": n}` |
+//! | `GET /kv/B[?cursor=N]`                       | a page of bucket B's keys: `{"keys": [...], "cursor": n or null}` |
+//! | `GET /kv/B/K`                                | the value of K (404 if none)           |
+//! | `PUT /kv/B/K` (body: the value)              | sets K                                 |
+//! | `DELETE /kv/B/K`                             | removes K                              |
 //!
 //! Errors are JSON `{"error": "…"}`: 404 for an unknown queue, type or
 //! path, 413 for a message over `[queue] max_message`, 400 for a bad
@@ -43,6 +47,7 @@ pub use guard::Keys;
 
 use crate::accept::{Connections, accept_until};
 use crate::control::{ChangeError, Control, ScaleChange};
+use crate::keyvalue::{KeyValue, KvError};
 use crate::queue::{NewMessage, QueueError, Queues};
 use guard::Refusal;
 
@@ -92,6 +97,67 @@ fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> AdminResponse {
     json(status, &serde_json::json!({ "error": message.to_string() }))
+}
+
+fn kv_error(e: &KvError) -> AdminResponse {
+    let status = match e {
+        KvError::AccessDenied(_) => StatusCode::NOT_FOUND,
+        KvError::TooLarge { .. } | KvError::BucketFull { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        KvError::NotANumber(_) | KvError::Overflow(_) => StatusCode::CONFLICT,
+        KvError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e)
+}
+
+/// The `/kv/BUCKET[/KEY]` routes: list keys, get, set, delete.
+async fn keyvalue(
+    store: &KeyValue,
+    bucket: &str,
+    method: Method,
+    rest: &[&str],
+    request: http::Request<hyper::body::Incoming>,
+) -> AdminResponse {
+    match (method, rest) {
+        (Method::GET, [] | [""]) => {
+            let cursor = query(request.uri(), "cursor").and_then(|c| c.parse().ok());
+            match store.list(bucket, cursor).await {
+                Ok((keys, cursor)) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "keys": keys, "cursor": cursor }),
+                ),
+                Err(e) => kv_error(&e),
+            }
+        }
+        (Method::GET, [key]) => match store.get(bucket, key).await {
+            Ok(Some(value)) => Response::new(Full::new(Bytes::from(value))),
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                format!("no key `{key}` in `{bucket}`"),
+            ),
+            Err(e) => kv_error(&e),
+        },
+        (Method::PUT, [key]) => {
+            let value = match body(request, MAX_ARTIFACT).await {
+                Ok(value) => value,
+                Err(response) => return response,
+            };
+            match store.set(bucket, key, &value).await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "bucket": bucket, "key": key }),
+                ),
+                Err(e) => kv_error(&e),
+            }
+        }
+        (Method::DELETE, [key]) => match store.delete(bucket, key).await {
+            Ok(()) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "bucket": bucket, "key": key }),
+            ),
+            Err(e) => kv_error(&e),
+        },
+        _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
 }
 
 fn queue_error(e: &QueueError) -> AdminResponse {
@@ -187,6 +253,15 @@ async fn handle(
                     change_error(&e)
                 }
             }
+        }
+        (method, ["kv", bucket, rest @ ..]) => {
+            let Some((store, bucket)) = control.bucket(bucket) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown bucket `{bucket}`: no process type lists it in `keyvalue`"),
+                );
+            };
+            keyvalue(store, bucket, method, rest, request).await
         }
         (method, ["queues", queue, rest @ ..]) => {
             let Some(queues) = queues else {

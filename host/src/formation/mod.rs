@@ -124,6 +124,15 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:0";
 pub const DEFAULT_RETRY_ATTEMPTS: u32 = 5;
 /// Most `retry.attempts`.
 pub const MAX_RETRY_ATTEMPTS: u32 = 1000;
+/// Largest `wasi:keyvalue` value, when `[keyvalue] max_value` is absent.
+pub const DEFAULT_KV_MAX_VALUE: u64 = 1 << 20;
+/// Largest `[keyvalue] max_value`.
+pub const MAX_KV_MAX_VALUE: u64 = 64 << 20;
+/// Bytes of keys and values one bucket holds, when `[keyvalue]
+/// max_bucket_bytes` is absent.
+pub const DEFAULT_KV_MAX_BUCKET_BYTES: u64 = 64 << 20;
+/// Largest `[keyvalue] max_bucket_bytes`.
+pub const MAX_KV_MAX_BUCKET_BYTES: u64 = 64 << 30;
 /// First and longest redelivery delay, when `retry.backoff` is absent.
 pub const DEFAULT_BACKOFF: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(300));
@@ -143,6 +152,8 @@ pub struct Formation {
     pub queue: QueueSettings,
     /// The `[admin]` table.
     pub admin: AdminSettings,
+    /// The `[keyvalue]` table.
+    pub keyvalue: KeyValueSettings,
     /// `[pool] capacity`: the most instances, of all types together, the
     /// host can run at once (the pooling allocator reserves this many slots).
     pub capacity: u32,
@@ -189,6 +200,25 @@ pub enum QueueBackend {
         /// `redis://host:port/db`.
         url: String,
     },
+}
+
+/// The `[keyvalue]` table: bounds of the `wasi:keyvalue` store (which lives
+/// where the `[queue]` backend says).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValueSettings {
+    /// Largest value, in bytes.
+    pub max_value: u64,
+    /// Most bytes of keys and values one bucket holds.
+    pub max_bucket_bytes: u64,
+}
+
+impl Default for KeyValueSettings {
+    fn default() -> Self {
+        KeyValueSettings {
+            max_value: DEFAULT_KV_MAX_VALUE,
+            max_bucket_bytes: DEFAULT_KV_MAX_BUCKET_BYTES,
+        }
+    }
 }
 
 /// The `[admin]` table: the control API (enqueue, dead letters).
@@ -356,14 +386,20 @@ pub struct ProcessType {
     /// Resource limits per instance and per unit.
     pub limits: Limits,
     /// The only environment variables the guest sees (besides the ones
-    /// wasmproc documents: `WASMPROC_PROCESS`, `WASMPROC_INSTANCE`).
+    /// wasmproc documents: `WASMPROC_PROCESS`, `WASMPROC_INSTANCE`), with
+    /// `${VAR}` expanded.
     pub env: Vec<(String, String)>,
+    /// What the guest reads through `wasi:config/store`, with `${VAR}`
+    /// expanded; no other type sees it.
+    pub config: Vec<(String, String)>,
     /// Hosts (`host` or `host:port`, or `*` for any) the guest may send
     /// outbound HTTP requests to. Empty: none. Shared by every instance.
     pub allow_outbound: Arc<[String]>,
     /// Queues the guest may enqueue onto (each consumed by some worker).
     /// Shared by every instance.
     pub enqueue: Arc<[String]>,
+    /// The `wasi:keyvalue` buckets the guest may open.
+    pub keyvalue: Vec<String>,
 }
 
 impl ProcessType {
@@ -620,6 +656,7 @@ impl Formation {
         let mut http = None;
         let mut queue = None;
         let mut admin = None;
+        let mut keyvalue = None;
         let mut capacity: Option<Option<Spanned<u32>>> = None;
         let mut processes = Vec::new();
         if !had_syntax_errors {
@@ -641,11 +678,17 @@ impl Formation {
                         admin = deserialize::<raw::Admin>(value, &mut problems)
                             .map(|raw| raw.validate(&lookup, &mut problems));
                     }
-                    "process" => processes = process_tables(value, &dir, &mut problems),
+                    "keyvalue" => {
+                        keyvalue = deserialize::<raw::KeyValue>(value, &mut problems)
+                            .map(|raw| raw.validate(&mut problems));
+                    }
+                    "process" => {
+                        processes = process_tables(value, &dir, &lookup, &mut problems)
+                    }
                     other => problems.at(
                         key.span(),
                         format!(
-                            "unknown table `{other}`, expected `http`, `queue`, `admin`, `pool` or `process`"
+                            "unknown table `{other}`, expected `http`, `queue`, `keyvalue`, `admin`, `pool` or `process`"
                         ),
                     ),
                 }
@@ -709,6 +752,7 @@ impl Formation {
                 http,
                 queue,
                 admin,
+                keyvalue: keyvalue.unwrap_or_default(),
                 capacity,
                 processes: processes
                     .into_iter()
@@ -758,6 +802,7 @@ struct Located {
 fn process_tables(
     value: Spanned<DeValue<'_>>,
     dir: &Path,
+    lookup: &impl Fn(&str) -> Option<String>,
     problems: &mut Problems,
 ) -> Vec<Located> {
     let span = value.span();
@@ -774,7 +819,7 @@ fn process_tables(
             continue;
         }
         if let Some(raw) = deserialize::<raw::Process>(body, problems)
-            && let Some(process) = raw.validate(name, dir, problems)
+            && let Some(process) = raw.validate(name, dir, lookup, problems)
         {
             out.push(process);
         }

@@ -246,6 +246,45 @@ impl Queue {
     }
 }
 
+/// `[keyvalue]`
+///
+/// ```toml
+/// [keyvalue]
+/// max_value = "1MiB"
+/// max_bucket_bytes = "64MiB"
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct KeyValue {
+    max_value: Option<Spanned<Lenient<ByteSize>>>,
+    max_bucket_bytes: Option<Spanned<Lenient<ByteSize>>>,
+}
+
+impl KeyValue {
+    pub(super) fn validate(self, problems: &mut Problems) -> KeyValueSettings {
+        let max_value = checked(&self.max_value, problems)
+            .map_or(DEFAULT_KV_MAX_VALUE, |(size, span)| {
+                size_within(size, span, 1..=MAX_KV_MAX_VALUE, "max_value", problems)
+            });
+        let max_bucket_bytes = checked(&self.max_bucket_bytes, problems).map_or(
+            DEFAULT_KV_MAX_BUCKET_BYTES,
+            |(size, span)| {
+                size_within(
+                    size,
+                    span,
+                    1..=MAX_KV_MAX_BUCKET_BYTES,
+                    "max_bucket_bytes",
+                    problems,
+                )
+            },
+        );
+        KeyValueSettings {
+            max_value,
+            max_bucket_bytes,
+        }
+    }
+}
+
 /// `retry = { attempts = 5, backoff = "1s..5m" }`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,9 +364,13 @@ pub(super) struct Process {
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
     #[serde(default)]
+    config: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
     allow_outbound: Vec<Spanned<String>>,
     #[serde(default)]
     enqueue: Vec<Spanned<String>>,
+    #[serde(default)]
+    keyvalue: Vec<Spanned<String>>,
     queue: Option<Spanned<String>>,
     retry: Option<Spanned<Retry>>,
     schedule: Option<Spanned<String>>,
@@ -397,6 +440,7 @@ impl Process {
         self,
         name: String,
         dir: &Path,
+        lookup: &impl Fn(&str) -> Option<String>,
         problems: &mut Problems,
     ) -> Option<Located> {
         let before = problems.0.len();
@@ -413,8 +457,10 @@ impl Process {
         let (scale, autoscale) = scale(self.scale.as_ref(), kind, problems);
         let reuse = reuse(self.reuse.as_ref(), problems);
         let limits = self.limits.validate(problems);
-        let env = environment(self.env, problems);
+        let env = pairs(self.env, "environment variable", lookup, problems);
+        let config = pairs(self.config, "config key", lookup, problems);
         let allow_outbound = outbound_hosts(self.allow_outbound, problems);
+        let keyvalue = buckets(&self.keyvalue, problems);
         let (enqueue, enqueue_spans) = self
             .enqueue
             .into_iter()
@@ -435,8 +481,10 @@ impl Process {
                 reuse,
                 limits,
                 env,
+                config,
                 allow_outbound: allow_outbound.into(),
                 enqueue: enqueue.into(),
+                keyvalue,
             },
             route_spans,
             enqueue_spans,
@@ -662,29 +710,48 @@ fn scale(
     }
 }
 
+/// `keyvalue`: bucket names, each a valid name, none twice.
+fn buckets(list: &[Spanned<String>], problems: &mut Problems) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for bucket in list {
+        let name = bucket.get_ref();
+        if let Err(why) = check_name("bucket", name) {
+            problems.at(bucket.span(), why);
+        } else if out.contains(name) {
+            problems.at(bucket.span(), format!("bucket `{name}` is listed twice"));
+        } else {
+            out.push(name.clone());
+        }
+    }
+    out
+}
+
 /// `reuse`: at least 1.
 fn reuse(value: Option<&Spanned<u32>>, problems: &mut Problems) -> NonZeroU32 {
     let n = bounded(value, DEFAULT_REUSE.get(), 1..=u32::MAX, "reuse", problems);
     NonZeroU32::new(n).unwrap_or(DEFAULT_REUSE)
 }
 
-/// `env`: names non-empty, without `=` or NUL; values without NUL.
-fn environment(
-    env: BTreeMap<Spanned<String>, String>,
+/// `env` and `config`: names non-empty, without `=` or NUL; values without
+/// NUL, with `${VAR}` and `${VAR:-default}` expanded from the host's
+/// environment (`what` names the table's entries in messages).
+fn pairs(
+    table: BTreeMap<Spanned<String>, String>,
+    what: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
     problems: &mut Problems,
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (key, value) in env {
+    for (key, value) in table {
         let k = key.get_ref();
         if k.is_empty() || k.contains(['=', '\0']) || value.contains('\0') {
             problems.at(
                 key.span(),
-                format!(
-                    "invalid environment variable `{k}`: names must be non-empty without `=` or NUL"
-                ),
+                format!("invalid {what} `{k}`: names must be non-empty without `=` or NUL"),
             );
         }
-        out.push((key.into_inner(), value));
+        let value = shellexpand::env_with_context_no_errors(&value, |name: &str| lookup(name));
+        out.push((key.into_inner(), value.into_owned()));
     }
     out
 }

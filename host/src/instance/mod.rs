@@ -7,6 +7,8 @@
 //!   `WASMPROC_PROCESS` (the type's name) and `WASMPROC_INSTANCE` (`web.3`);
 //! - no sockets (`wasi:sockets` is linked but every address is denied);
 //! - outbound HTTP only as [`crate::outbound`] allows;
+//! - `wasi:config/store` reads the type's own `config` table, nothing else;
+//! - `wasi:keyvalue` opens only the buckets the type lists in `keyvalue`;
 //! - stdin is empty; stdout and stderr become log events carrying the
 //!   instance's name;
 //! - linear memory may not grow past `limits.memory` ([`ResourceLimiter`]).
@@ -27,10 +29,12 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::bindings::queue;
 use crate::formation::ProcessType;
+use crate::keyvalue::KeyValue;
 use crate::outbound::{Outbound, TypeOutbound};
 use crate::queue::{NewMessage, QueueError, Queues};
 use crate::throttle::Throttle;
 use log::GuestLog;
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 
 /// The most table elements an instance may grow to.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
@@ -48,21 +52,45 @@ pub struct InstanceState {
     /// When the current unit must end; checked on every epoch tick.
     pub deadline: Instant,
     instance: Arc<str>,
-    queues: Option<Queues>,
-    may_enqueue: Arc<[String]>,
+    grants: Arc<Grants>,
     /// Warnings the guest causes (denied enqueues), at most a few a second.
     warnings: Throttle,
 }
 
-impl InstanceState {
-    /// Fresh state for instance `instance` (`web.3`) of `process`, which may
-    /// enqueue onto the queues its type lists, through `queues`.
+/// What every instance of one process type is granted, built once per pool:
+/// the queues it may enqueue onto, its outbound policy, its `wasi:config`
+/// values.
+pub struct Grants {
+    process: Arc<ProcessType>,
+    queues: Option<Queues>,
+    keyvalue: Option<KeyValue>,
+    outbound: TypeOutbound,
+    config: WasiConfigVariables,
+}
+
+impl Grants {
+    /// The grants of `process`, whose guests enqueue through `queues` and
+    /// keep state in `keyvalue`.
     pub fn new(
-        process: &ProcessType,
-        instance: &Arc<str>,
-        queues: Option<&Queues>,
-        outbound: &TypeOutbound,
-    ) -> InstanceState {
+        process: &Arc<ProcessType>,
+        queues: Option<Queues>,
+        keyvalue: Option<KeyValue>,
+    ) -> Grants {
+        Grants {
+            process: process.clone(),
+            queues,
+            keyvalue,
+            outbound: TypeOutbound::new(process),
+            config: process.config.iter().cloned().collect(),
+        }
+    }
+}
+
+impl InstanceState {
+    /// Fresh state for instance `instance` (`web.3`) of the type `grants`
+    /// are for.
+    pub fn new(grants: &Arc<Grants>, instance: &Arc<str>) -> InstanceState {
+        let process = &*grants.process;
         let mut wasi = WasiCtx::builder();
         wasi.args(&[process.name.as_str()]);
         for (key, value) in &process.env {
@@ -82,13 +110,12 @@ impl InstanceState {
             table,
             wasi: wasi.build(),
             http,
-            hooks: outbound.for_instance(instance),
+            hooks: grants.outbound.for_instance(instance),
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
             deadline: Instant::now(),
             instance: instance.clone(),
-            queues: queues.cloned(),
-            may_enqueue: process.enqueue.clone(),
+            grants: grants.clone(),
             warnings: Throttle::per_second(WARNINGS_PER_SECOND),
         }
     }
@@ -97,6 +124,30 @@ impl InstanceState {
 /// Warnings a guest may cause per second (with a burst of ten seconds' worth).
 const WARNINGS_PER_SECOND: u32 = 1;
 
+impl InstanceState {
+    /// The instance's resource table.
+    pub(crate) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
+    /// The key-value store, if the type may use one.
+    pub(crate) fn keyvalue(&self) -> Option<KeyValue> {
+        self.grants.keyvalue.clone()
+    }
+
+    /// Whether the type's `keyvalue` list grants `bucket`.
+    pub(crate) fn may_open(&self, bucket: &str) -> bool {
+        self.grants.process.keyvalue.iter().any(|b| b == bucket)
+    }
+
+    /// Logs a warning the guest caused, at most a few a second.
+    pub(crate) fn warn(&mut self, message: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.warnings.allow() {
+            tracing::warn!(instance = %self.instance, suppressed, "{message}");
+        }
+    }
+}
+
 impl queue::Host for InstanceState {
     async fn enqueue(
         &mut self,
@@ -104,10 +155,10 @@ impl queue::Host for InstanceState {
         message: queue::Message,
     ) -> Result<String, queue::EnqueueError> {
         let denied = || queue::EnqueueError::UnknownQueue(name.clone());
-        let Some(queues) = &self.queues else {
+        let Some(queues) = &self.grants.queues else {
             return Err(denied());
         };
-        if !self.may_enqueue.contains(&name) {
+        if !self.grants.process.enqueue.contains(&name) {
             if let Some(suppressed) = self.warnings.allow() {
                 tracing::warn!(
                     instance = %self.instance,
@@ -187,11 +238,16 @@ impl ResourceLimiter for InstanceState {
     }
 }
 
-/// A linker with the whole WASI 0.2 set, `wasi:http` and `wasmproc:host/queue`.
+/// A linker with the whole WASI 0.2 set, `wasi:http`, `wasi:config`,
+/// `wasi:keyvalue` and `wasmproc:host/queue`.
 pub fn linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut InstanceState| {
+        WasiConfig::from(&state.grants.config)
+    })?;
+    crate::keyvalue::host::add_to_linker(&mut linker)?;
     queue::add_to_linker::<_, wasmtime::component::HasSelf<InstanceState>>(&mut linker, |state| {
         state
     })?;

@@ -79,8 +79,8 @@ pub use supervisor::CRASH_LOOP_THRESHOLD;
 
 use crate::engine::EPOCH_TICK;
 use crate::formation::ProcessType;
-use crate::instance::InstanceState;
-use crate::outbound::TypeOutbound;
+use crate::instance::{Grants, InstanceState};
+use crate::keyvalue::KeyValue;
 use crate::queue::Queues;
 use failure::classify;
 use slots::{Returned, Slot, Slots, Warm};
@@ -159,8 +159,7 @@ pub struct Pool<W: World> {
     /// The current deployment's generation, readable without the lock (a
     /// warm instance's check on every unit).
     generation: AtomicU64,
-    queues: Option<Queues>,
-    outbound: TypeOutbound,
+    grants: Arc<Grants>,
     fuel_metered: bool,
     /// One permit per idle slot.
     free: Semaphore,
@@ -232,23 +231,29 @@ pub struct Parts<'a> {
     pub fuel_metered: bool,
     /// What guests enqueue through.
     pub queues: Option<&'a Queues>,
+    /// Where guests keep state.
+    pub keyvalue: Option<&'a KeyValue>,
 }
 
 impl<W: World> Pool<W> {
     /// A pool for `process`, whose kind's settings are `role`.
     pub fn new(process: ProcessType, role: W::Role, parts: &Parts<'_>) -> anyhow::Result<Pool<W>> {
         let pre = Self::pre(parts.component, parts.linker)?;
-        let outbound = TypeOutbound::new(&process);
+        let process = Arc::new(process);
+        let grants = Arc::new(Grants::new(
+            &process,
+            parts.queues.cloned(),
+            parts.keyvalue.cloned(),
+        ));
         let pool = Pool {
             slots: Mutex::new(Slots::new(&process.name)),
             free: Semaphore::new(0),
             deployment: RwLock::new(Arc::new(Deployment { pre, generation: 1 })),
             generation: AtomicU64::new(1),
             engine: parts.linker.engine().clone(),
-            process: Arc::new(process),
+            process,
             role,
-            queues: parts.queues.cloned(),
-            outbound,
+            grants,
             fuel_metered: parts.fuel_metered,
             supervisor: Supervisor::default(),
             stats: Stats::default(),
@@ -484,7 +489,7 @@ impl<W: World> Pool<W> {
         }
         let started = Instant::now();
         let deployment = self.current();
-        let state = InstanceState::new(&self.process, name, self.queues.as_ref(), &self.outbound);
+        let state = InstanceState::new(&self.grants, name);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
         store.epoch_deadline_callback(|ctx| {

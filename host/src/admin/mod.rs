@@ -78,6 +78,10 @@ async fn body(
 ) -> Result<Bytes, AdminResponse> {
     match Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        )),
         Err(e) => Err(error(
             StatusCode::BAD_REQUEST,
             format!("cannot read the body: {e}"),
@@ -137,7 +141,8 @@ async fn keyvalue(
             Err(e) => kv_error(&e),
         },
         (Method::PUT, [key]) => {
-            let value = match body(request, MAX_ARTIFACT).await {
+            let limit = usize::try_from(store.max_value()).unwrap_or(usize::MAX);
+            let value = match body(request, limit).await {
                 Ok(value) => value,
                 Err(response) => return response,
             };

@@ -142,6 +142,11 @@ impl KeyValue {
         formation.processes.iter().any(|p| !p.keyvalue.is_empty())
     }
 
+    /// The largest value accepted, in bytes.
+    pub fn max_value(&self) -> u64 {
+        self.settings.max_value
+    }
+
     fn check_key(key: &str) -> Result<(), KvError> {
         if key.len() > MAX_KEY_BYTES {
             return Err(KvError::TooLarge {

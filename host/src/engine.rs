@@ -20,8 +20,38 @@
 //!   and the engine's compatibility hash, so a second start of the same
 //!   artifact never recompiles, and a wasmproc built with other settings
 //!   never loads an incompatible artifact.
+//!
+//! ## The compile cache: the disk → engine boundary
+//!
+//! A cached artifact is native code, loaded with the unsafe
+//! `Component::deserialize` and run outside the sandbox: whoever can change
+//! an entry can run code as the host, and a corrupted entry can crash it. So
+//! the cache trusts nothing it did not check:
+//! - the directory is private: [`CompileCache::open`] creates it with mode
+//!   0700 and refuses to start ([`UnsafeCacheDir`]) with a directory that
+//!   another user owns or that group or others may write;
+//! - each entry is written with mode 0600 as one file: an 80-byte header
+//!   (the format, the entry's key, a SHA-256 over both and the artifact),
+//!   then the artifact, through a rename so no one sees half of it;
+//! - an entry is loaded only if the file, checked through the descriptor it
+//!   is read from, is a regular file owned by the host's user and not
+//!   writable by group or others (so a file planted while the directory was
+//!   open is still refused after `chmod go-w`), and its header names this
+//!   very key and its SHA-256 matches the bytes read. The check runs over
+//!   the bytes in memory that are then handed to wasmtime, so nothing can
+//!   change them in between.
+//!
+//! An entry that fails a check is named in a warning, and the component is
+//! compiled and the entry rewritten: a swapped, truncated or corrupted entry
+//! costs one compile, never the wrong code or a crash. The SHA-256 is not
+//! keyed with a secret, so it does not stop a process of the host's own
+//! user from forging an entry; such a process could as well replace the
+//! wasmproc binary, and the private directory keeps every other user out.
+//!
+//! A cache that cannot be used — its directory cannot be created (a parent
+//! that is read-only or not writable by the host's user), read or written —
+//! only costs compiles: a warning, and every start compiles.
 
-use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -257,7 +287,78 @@ pub enum CacheOutcome {
     Miss,
 }
 
-/// Compiled components on disk, keyed by content.
+/// Why wasmproc refuses to start with a compile cache directory: code
+/// loaded from it runs outside the sandbox, so no one but the host's own
+/// user may write it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UnsafeCacheDir {
+    /// Another user owns it.
+    #[error(
+        "the compile cache directory `{dir}` (mode {mode:04o}) is owned by uid {owner}, not by wasmproc's user (uid {me}): its owner could plant native code that runs outside the sandbox; pick another `--cache-dir`"
+    )]
+    Owner {
+        /// The directory.
+        dir: String,
+        /// Its permission bits.
+        mode: u32,
+        /// Its owner.
+        owner: u32,
+        /// The host's effective user.
+        me: u32,
+    },
+    /// Group or others may write it.
+    #[error(
+        "the compile cache directory `{dir}` is writable by group or others (mode {mode:04o}): they could plant native code that runs outside the sandbox; run `chmod go-w {dir}` or pick another `--cache-dir`"
+    )]
+    Writable {
+        /// The directory.
+        dir: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+impl UnsafeCacheDir {
+    /// Judges the directory `dir`, owned by `owner` with permission bits
+    /// `mode`, for a host running as `me`.
+    fn judge(dir: &Path, owner: u32, mode: u32, me: u32) -> Result<(), UnsafeCacheDir> {
+        let dir = dir.display().to_string();
+        let mode = mode & 0o7777;
+        if owner != me {
+            return Err(UnsafeCacheDir::Owner {
+                dir,
+                mode,
+                owner,
+                me,
+            });
+        }
+        if mode & 0o022 != 0 {
+            return Err(UnsafeCacheDir::Writable { dir, mode });
+        }
+        Ok(())
+    }
+}
+
+/// The host's effective user: the owner of every file it creates.
+fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Creates `dir` with mode 0700 (its missing parents with the default
+/// mode); one that already exists is left as it is, for the caller to judge.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// Compiled components on disk, keyed by content, verified before they are
+/// loaded (see the module docs).
 #[derive(Debug, Clone)]
 pub struct CompileCache {
     dir: PathBuf,
@@ -268,7 +369,7 @@ pub struct CompileCache {
 }
 
 impl CompileCache {
-    /// A cache in `dir` (created on first store).
+    /// A cache in `dir`; [`CompileCache::open`] it before loading.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
@@ -277,61 +378,272 @@ impl CompileCache {
         }
     }
 
-    fn key(engine: &Engine, bytes: &[u8]) -> String {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let mut sha = Sha256::new();
-        sha.update(bytes);
-        sha.update(hasher.finish().to_le_bytes());
-        sha.update(env!("CARGO_PKG_VERSION").as_bytes());
-        sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    /// Makes the directory ready before anything is loaded from it: creates
+    /// it with mode 0700 if it is missing, and refuses one that another user
+    /// owns or that group or others may write. A directory that cannot be
+    /// created or looked at only costs compiles (a warning).
+    pub fn open(&self) -> Result<(), UnsafeCacheDir> {
+        use std::os::unix::fs::MetadataExt as _;
+        let stat = || match std::fs::metadata(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_private_dir(&self.dir)?;
+                std::fs::metadata(&self.dir)
+            }
+            other => other,
+        };
+        match stat() {
+            Ok(meta) if meta.is_dir() => {
+                UnsafeCacheDir::judge(&self.dir, meta.uid(), meta.mode(), effective_uid())
+            }
+            Ok(_) => {
+                tracing::warn!(dir = %self.dir.display(), "the compile cache `{}` is not a directory; every component compiles at each start", self.dir.display());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), "cannot use the compile cache directory `{}`: {e}; every component compiles at each start", self.dir.display());
+                Ok(())
+            }
+        }
     }
 
-    /// Returns the compiled form of `bytes`, from the cache when present.
+    /// Returns the compiled form of `bytes`, from the cache when an entry
+    /// passes every check; otherwise compiles it and (re)writes the entry.
     /// A cache that cannot be read or written only costs a compile.
     pub fn load(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<(Component, CacheOutcome)> {
-        let path = self.dir.join(format!("{}.cwasm", Self::key(engine, bytes)));
-        if path.exists() {
-            match deserialize(engine, &path) {
+        let key = entry::Key::of(engine, bytes);
+        let path = self.dir.join(key.file_name());
+        match entry::read(&path, &key, effective_uid()) {
+            Ok(Some(verified)) => match deserialize(engine, &verified) {
                 Ok(component) => {
                     self.hits.inc();
                     return Ok((component, CacheOutcome::Hit));
                 }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), "ignoring unreadable compile cache entry: {e:#}")
+                    tracing::warn!(path = %path.display(), "wasmtime refuses compile cache entry `{}`: {e:#}; compiling again", path.display())
                 }
+            },
+            Ok(None) => {}
+            Err(why) => {
+                tracing::warn!(path = %path.display(), "refusing compile cache entry `{}`: {why}; compiling again", path.display())
             }
         }
         let started = Instant::now();
         let component = Component::new(engine, bytes).map_err(anyhow::Error::from)?;
         self.misses.inc();
         tracing::debug!(elapsed = ?started.elapsed(), "compiled component");
-        if let Err(e) = self.store(&path, &component) {
+        if let Err(e) = self.store(&path, &key, &component) {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compile cache: {e:#}");
         }
         Ok((component, CacheOutcome::Miss))
     }
 
-    fn store(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let bytes = component.serialize().map_err(anyhow::Error::from)?;
+    fn store(&self, path: &Path, key: &entry::Key, component: &Component) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        create_private_dir(&self.dir)?;
+        let artifact = component.serialize().map_err(anyhow::Error::from)?;
         // Write then rename, so a concurrent or interrupted start never
-        // sees half an artifact.
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        tmp.write_all(&bytes)?;
+        // sees half an entry (and if it did, the digest would not match).
+        let mut tmp = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o600))
+            .tempfile_in(&self.dir)?;
+        tmp.write_all(&entry::header(key, &artifact))?;
+        tmp.write_all(&artifact)?;
         tmp.persist(path)?;
         Ok(())
     }
 }
 
-/// Loads a compiled artifact from the cache.
+/// Turns a verified cache entry into a component.
 #[allow(unsafe_code)]
-fn deserialize(engine: &Engine, path: &Path) -> anyhow::Result<Component> {
-    // SAFETY: the file lives in wasmproc's own cache folder, was written by
-    // `Component::serialize` through an atomic rename, and its name includes
-    // the engine's compatibility hash; wasmtime still checks the header and
-    // refuses artifacts built for another engine configuration.
-    unsafe { Component::deserialize_file(engine, path) }.map_err(anyhow::Error::from)
+fn deserialize(engine: &Engine, entry: &entry::Verified) -> anyhow::Result<Component> {
+    // SAFETY: `Component::deserialize` requires bytes that
+    // `Component::serialize` produced. `entry` is an `entry::Verified`,
+    // which only `entry::read` makes, and only when:
+    // - the bytes were read into this process's memory, from a regular file
+    //   that (by `fstat` on the descriptor they were read from) is owned by
+    //   this process's effective user and not writable by group or others;
+    // - the file starts with wasmproc's header, naming this component's key
+    //   (SHA-256 of its bytes, this engine's compatibility hash, wasmproc's
+    //   version), and the SHA-256 of the header's format and key and of the
+    //   rest of the file equals the digest the header records.
+    // wasmtime gets exactly the bytes that were hashed, from our memory (it
+    // copies them), so nothing can change them after the check. Hence these
+    // are the bytes `CompileCache::store` wrote from `Component::serialize`
+    // for this component and engine, unless a process of this same user
+    // forged the entry (the digest is not keyed), which could as well
+    // replace the wasmproc binary. wasmtime still checks its own header
+    // (its version, the target, the engine's settings).
+    unsafe { Component::deserialize(engine, entry.artifact()) }.map_err(anyhow::Error::from)
+}
+
+/// One file of the compile cache: a header that records what its artifact
+/// was compiled for and its digest, then the artifact.
+///
+/// The header (80 bytes): `wasmproc-cache/1` (16 bytes, the format: the
+/// bare artifacts an older wasmproc wrote lack it), the entry's [`Key`]
+/// (32 bytes), and the SHA-256 of those 48 bytes followed by the artifact
+/// (32 bytes). A file moved from another key carries that key; a changed
+/// byte anywhere changes the digest.
+mod entry {
+    use std::hash::{Hash as _, Hasher as _};
+    use std::io::Read as _;
+    use std::path::Path;
+
+    use sha2::{Digest as _, Sha256};
+    use wasmtime::Engine;
+
+    /// The format, at the start of every entry.
+    const MAGIC: &[u8; 16] = b"wasmproc-cache/1";
+    /// Bytes before the artifact.
+    pub(super) const HEADER: usize = 80;
+    /// The largest entry read: far above any artifact (compiled code is a
+    /// few times the component's size), a bound on what one read allocates.
+    pub(super) const MAX_BYTES: u64 = 1 << 30;
+
+    /// What an entry holds: a component compiled for an engine, named by
+    /// the SHA-256 of the component bytes, the engine's compatibility hash
+    /// and wasmproc's version.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) struct Key(pub(super) [u8; 32]);
+
+    impl Key {
+        /// The key of the component `bytes` compiled by `engine`.
+        pub(super) fn of(engine: &Engine, bytes: &[u8]) -> Key {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            let mut sha = Sha256::new();
+            sha.update(bytes);
+            sha.update(hasher.finish().to_le_bytes());
+            sha.update(env!("CARGO_PKG_VERSION").as_bytes());
+            Key(sha.finalize().into())
+        }
+
+        /// The entry's file name in the cache directory.
+        pub(super) fn file_name(&self) -> String {
+            let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{hex}.cwasm")
+        }
+    }
+
+    /// Why an entry is not loaded.
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub(super) enum Refusal {
+        /// It cannot be opened or read.
+        #[error("cannot read it: {0}")]
+        Unreadable(String),
+        /// A directory, a device, a socket.
+        #[error("it is not a regular file")]
+        NotAFile,
+        /// Another user owns it.
+        #[error("it is owned by uid {owner}, not by wasmproc's user (uid {me})")]
+        Owner { owner: u32, me: u32 },
+        /// Group or others may write it.
+        #[error("it is writable by group or others (mode {0:04o})")]
+        Writable(u32),
+        /// Over [`MAX_BYTES`].
+        #[error("it is larger than {} MiB", MAX_BYTES >> 20)]
+        TooLarge,
+        /// No header.
+        #[error("it has no integrity record (an older wasmproc or something else wrote it)")]
+        NoRecord,
+        /// The digest does not match.
+        #[error(
+            "its bytes do not match the SHA-256 recorded when it was written (it was modified or corrupted)"
+        )]
+        Modified,
+        /// A sound entry of another key.
+        #[error(
+            "it was written for another component or engine (copied or renamed from another entry)"
+        )]
+        OtherKey,
+    }
+
+    /// An entry that passed every check of [`read`], which alone makes one:
+    /// its artifact may be deserialized.
+    pub(super) struct Verified {
+        entry: Vec<u8>,
+    }
+
+    impl Verified {
+        /// The artifact `Component::serialize` wrote.
+        pub(super) fn artifact(&self) -> &[u8] {
+            self.entry.get(HEADER..).unwrap_or_default()
+        }
+    }
+
+    /// The digest of an entry's format and key and its artifact.
+    fn digest(record: &[u8], artifact: &[u8]) -> [u8; 32] {
+        let mut sha = Sha256::new();
+        sha.update(record);
+        sha.update(artifact);
+        sha.finalize().into()
+    }
+
+    /// The header of the entry for `key` holding `artifact`.
+    pub(super) fn header(key: &Key, artifact: &[u8]) -> [u8; HEADER] {
+        let mut header = [0u8; HEADER];
+        header[..16].copy_from_slice(MAGIC);
+        header[16..48].copy_from_slice(&key.0);
+        let digest = digest(&header[..48], artifact);
+        header[48..].copy_from_slice(&digest);
+        header
+    }
+
+    /// Checks that `entry` (header and artifact) is a sound entry for `key`.
+    pub(super) fn verify(key: &Key, entry: &[u8]) -> Result<(), Refusal> {
+        let Some((header, artifact)) = entry.split_first_chunk::<HEADER>() else {
+            return Err(Refusal::NoRecord);
+        };
+        let (record, recorded) = header.split_at(48);
+        if !record.starts_with(MAGIC) {
+            return Err(Refusal::NoRecord);
+        }
+        if digest(record, artifact) != recorded {
+            return Err(Refusal::Modified);
+        }
+        if record.get(16..) != Some(&key.0[..]) {
+            return Err(Refusal::OtherKey);
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies the entry at `path` for `key`, in a cache of the
+    /// user `me`. `Ok(None)`: there is no entry.
+    pub(super) fn read(path: &Path, key: &Key, me: u32) -> Result<Option<Verified>, Refusal> {
+        use std::os::unix::fs::MetadataExt as _;
+        let unreadable = |e: std::io::Error| Refusal::Unreadable(e.to_string());
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(unreadable(e)),
+        };
+        // The descriptor's own metadata: the file judged is the file read.
+        let meta = file.metadata().map_err(unreadable)?;
+        if !meta.is_file() {
+            return Err(Refusal::NotAFile);
+        }
+        if meta.uid() != me {
+            return Err(Refusal::Owner {
+                owner: meta.uid(),
+                me,
+            });
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(Refusal::Writable(meta.mode() & 0o7777));
+        }
+        if meta.len() > MAX_BYTES {
+            return Err(Refusal::TooLarge);
+        }
+        let mut entry = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        file.take(MAX_BYTES + 1)
+            .read_to_end(&mut entry)
+            .map_err(unreadable)?;
+        if u64::try_from(entry.len()).unwrap_or(u64::MAX) > MAX_BYTES {
+            return Err(Refusal::TooLarge);
+        }
+        verify(key, &entry)?;
+        Ok(Some(Verified { entry }))
+    }
 }
 
 /// The SHA-256 of a component's bytes.
@@ -385,6 +697,151 @@ mod tests {
         assert_eq!(
             Footprint::of(b"\0asm\x01\0\0\0"),
             Err(NotAComponent::CoreModule)
+        );
+    }
+
+    use entry::{Key, Refusal};
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// The smallest component: a preamble and no sections.
+    const EMPTY: &[u8] = b"\0asm\x0d\0\x01\0";
+
+    /// Another component: [`EMPTY`] with a custom section, so another key.
+    fn other() -> Vec<u8> {
+        [EMPTY, &[0, 4, 3, b'x', b'y', b'z']].concat()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn an_entry_verifies_only_for_its_own_key_and_bytes() {
+        let key = Key([1; 32]);
+        let artifact = b"compiled code".repeat(20);
+        let sound = [&entry::header(&key, &artifact)[..], &artifact].concat();
+        let verify = entry::verify;
+        assert_eq!(verify(&key, &sound), Ok(()));
+        assert_eq!(verify(&Key([2; 32]), &sound), Err(Refusal::OtherKey));
+
+        let mut last = sound.clone();
+        *last.last_mut().unwrap() ^= 1;
+        assert_eq!(verify(&key, &last), Err(Refusal::Modified));
+        let mut relabelled = sound.clone();
+        relabelled[20] ^= 1;
+        assert_eq!(
+            verify(&key, &relabelled),
+            Err(Refusal::Modified),
+            "a key changed without its digest"
+        );
+        assert_eq!(verify(&key, &artifact), Err(Refusal::NoRecord));
+        assert_eq!(verify(&key, &sound[..40]), Err(Refusal::NoRecord));
+    }
+
+    #[test]
+    fn a_cache_directory_others_could_write_is_refused_with_what_to_do() {
+        let dir = Path::new("/srv/cache");
+        assert_eq!(UnsafeCacheDir::judge(dir, 1000, 0o40700, 1000), Ok(()));
+        assert_eq!(UnsafeCacheDir::judge(dir, 1000, 0o40755, 1000), Ok(()));
+        let writable = UnsafeCacheDir::judge(dir, 1000, 0o41777, 1000).unwrap_err();
+        assert_eq!(
+            writable.to_string(),
+            "the compile cache directory `/srv/cache` is writable by group or others (mode 1777): they could plant native code that runs outside the sandbox; run `chmod go-w /srv/cache` or pick another `--cache-dir`"
+        );
+        assert!(UnsafeCacheDir::judge(dir, 1000, 0o40770, 1000).is_err());
+        let owner = UnsafeCacheDir::judge(dir, 0, 0o40755, 1000).unwrap_err();
+        assert_eq!(
+            owner.to_string(),
+            "the compile cache directory `/srv/cache` (mode 0755) is owned by uid 0, not by wasmproc's user (uid 1000): its owner could plant native code that runs outside the sandbox; pick another `--cache-dir`"
+        );
+    }
+
+    #[test]
+    fn open_creates_a_private_directory_and_entries_only_the_user_can_read() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state/cache");
+        let cache = CompileCache::new(&dir);
+        assert_eq!(cache.open(), Ok(()));
+        assert_eq!(mode(&dir), 0o700);
+        let engine = Engine::default();
+        cache.load(&engine, EMPTY).unwrap();
+        let entry = dir.join(Key::of(&engine, EMPTY).file_name());
+        assert_eq!(mode(&entry), 0o600);
+    }
+
+    #[test]
+    fn open_refuses_an_existing_directory_others_can_write() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let message = CompileCache::new(root.path())
+            .open()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains(&format!("`{}`", root.path().display())),
+            "{message}"
+        );
+        assert!(message.contains("(mode 0777)"), "{message}");
+        assert!(message.contains("chmod go-w"), "{message}");
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_created_only_costs_compiles() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("file");
+        std::fs::write(&file, "not a directory").unwrap();
+        let cache = CompileCache::new(file.join("cache"));
+        assert_eq!(cache.open(), Ok(()));
+        let engine = Engine::default();
+        assert_eq!(cache.load(&engine, EMPTY).unwrap().1, CacheOutcome::Miss);
+        assert_eq!(cache.load(&engine, EMPTY).unwrap().1, CacheOutcome::Miss);
+    }
+
+    #[test]
+    fn a_swapped_corrupted_or_exposed_entry_is_compiled_again_and_rewritten() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(root.path().join("cache"));
+        cache.open().unwrap();
+        let engine = Engine::default();
+        let outcome = |bytes: &[u8]| cache.load(&engine, bytes).unwrap().1;
+        let path = |bytes: &[u8]| cache.dir.join(Key::of(&engine, bytes).file_name());
+        let me = effective_uid();
+        let refusal = |bytes: &[u8]| entry::read(&path(bytes), &Key::of(&engine, bytes), me).err();
+        let recompiled_then_cached = |why: &str| {
+            assert_eq!(outcome(EMPTY), CacheOutcome::Miss, "{why}: compiled again");
+            assert_eq!(outcome(EMPTY), CacheOutcome::Hit, "{why}: rewritten");
+            assert_eq!(mode(&path(EMPTY)), 0o600, "{why}: rewritten privately");
+        };
+        assert_eq!(outcome(EMPTY), CacheOutcome::Miss);
+        assert_eq!(outcome(EMPTY), CacheOutcome::Hit);
+        assert_eq!(outcome(&other()), CacheOutcome::Miss);
+
+        std::fs::copy(path(&other()), path(EMPTY)).unwrap();
+        assert_eq!(refusal(EMPTY), Some(Refusal::OtherKey));
+        recompiled_then_cached("swapped");
+
+        let mut bytes = std::fs::read(path(EMPTY)).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle..middle + 16].fill(0xCC);
+        std::fs::write(path(EMPTY), &bytes).unwrap();
+        assert_eq!(refusal(EMPTY), Some(Refusal::Modified));
+        recompiled_then_cached("corrupted");
+
+        std::fs::set_permissions(path(EMPTY), std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert_eq!(refusal(EMPTY), Some(Refusal::Writable(0o620)));
+        recompiled_then_cached("group-writable");
+
+        let bare = Component::new(&engine, EMPTY).unwrap().serialize().unwrap();
+        std::fs::write(path(EMPTY), bare).unwrap();
+        assert_eq!(refusal(EMPTY), Some(Refusal::NoRecord));
+        recompiled_then_cached("written by an older wasmproc");
+
+        assert_eq!(
+            entry::read(&path(EMPTY), &Key::of(&engine, EMPTY), me + 1).err(),
+            Some(Refusal::Owner {
+                owner: me,
+                me: me + 1
+            })
         );
     }
 }

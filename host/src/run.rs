@@ -163,12 +163,14 @@ impl Backing {
 }
 
 /// Reads, inspects, compiles and links every component of `formation`.
-/// Guests enqueue through `queues` (`None` when checking only).
+/// Guests enqueue through `queues` (`None` when checking only). First
+/// refuses ([`Refused`]) a compile cache directory others could write.
 pub fn prepare(
     formation: &Formation,
     cache: &CompileCache,
     backing: &Backing,
 ) -> anyhow::Result<Prepared> {
+    cache.open().map_err(|e| Refused(e.to_string()))?;
     let mut errors: Vec<FormationError> = Vec::new();
     let mut loaded = Vec::new();
     for process in &formation.processes {

@@ -5,6 +5,9 @@
 //! - a request goes out only to a host the process type lists in
 //!   `allow_outbound`; any other gets `HTTP-request-denied` and a log line.
 
+pub mod address;
+pub mod rules;
+
 use std::future::Future;
 use std::sync::Arc;
 

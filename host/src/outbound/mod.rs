@@ -21,6 +21,8 @@
 //!    public (loopback, private, link-local, metadata, … see [`address`]).
 //!    Only a rule that is an IP literal vouches for a non-public address,
 //!    and only when the request names that address itself.
+//!    Then, whatever the rule, an address that is one of the host's own
+//!    listeners is refused.
 //! 4. **Sending.** [`send`] connects to a vetted address — it never
 //!    resolves again, so there is no window for DNS rebinding — and sends
 //!    one HTTP/1.1 request, over TLS for `https`.
@@ -45,8 +47,11 @@
 //!   [`DEFAULT_FIRST_BYTE_TIMEOUT`], [`DEFAULT_BETWEEN_BYTES_TIMEOUT`],
 //!   guest-chosen values capped at [`MAX_OUTBOUND_TIMEOUT`]).
 //!
+//! - No guest reaches the host's own listeners (the HTTP front, the admin
+//!   API), whatever the rules say: see [`listeners`].
 
 pub mod address;
+mod listeners;
 pub mod rules;
 mod send;
 mod warnings;
@@ -63,6 +68,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::formation::ProcessType;
 pub use address::{AddressClass, classify};
+pub use listeners::guard_listener;
 use rules::{Host, Target};
 pub use rules::{Rule, parse_rule};
 pub use send::{
@@ -229,6 +235,12 @@ enum Denial {
     /// An address a wildcard matched is not public.
     #[error("`{target}` is {class}; only a rule naming the address may reach it (`{target}`)")]
     Private { target: String, class: AddressClass },
+    /// The address is one the host itself listens on.
+    #[error("{address} is the host's own listener {listener}, which guests may not reach")]
+    HostListener {
+        address: SocketAddr,
+        listener: SocketAddr,
+    },
 }
 
 /// Why a request was refused for want of a connection slot.
@@ -373,6 +385,19 @@ async fn public_addresses(target: &Target, deadline: Instant) -> Result<Vec<Sock
     Ok(addresses)
 }
 
+/// `addresses`, unless one of them is a listener of the host itself.
+fn outside_the_host(addresses: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Unusable> {
+    for address in &addresses {
+        if let Some(listener) = listeners::host_listener(*address) {
+            return Err(Unusable::Denied(Denial::HostListener {
+                address: *address,
+                listener,
+            }));
+        }
+    }
+    Ok(addresses)
+}
+
 type SendFuture =
     Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), Error>> + Send>;
 
@@ -421,7 +446,8 @@ impl WasiHttpHooks for Outbound {
             let usable = match route {
                 Route::Named(address) => Ok(vec![address]),
                 Route::Vetted => public_addresses(&target, deadline).await,
-            };
+            }
+            .and_then(outside_the_host);
             let addresses = match usable {
                 Ok(addresses) => addresses,
                 Err(Unusable::Denied(denial)) => {

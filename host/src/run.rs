@@ -519,9 +519,12 @@ fn check_open_files(formation: &Formation) {
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| Refused(format!("cannot listen on {addr} for {what}: {e}")).into())
+        .map_err(|e| Refused(format!("cannot listen on {addr} for {what}: {e}")))?;
+    // Out of guests' reach, whatever `allow_outbound` says.
+    crate::outbound::guard_listener(listener.local_addr()?);
+    Ok(listener)
 }
 
 /// What a signal asks of the host.

@@ -13,6 +13,7 @@
 //! | `/env`              | answers every variable it can see, one `K=V` per line      |
 //! | `/file?path=P`      | tries to read P and answers the content or the error       |
 //! | `/fetch?url=U`      | makes an outbound GET and answers the status or the error  |
+//! | `/fanout?url=U&n=N` | starts N outbound GETs at once; answers `OUTCOME xCOUNT` lines |
 //! | `/echo`             | answers the request body                                   |
 //! | `/log?msg=M`        | prints M to stdout and to stderr                           |
 //! | `/enqueue?queue=Q&body=B` | enqueues B onto Q and answers the id or the error    |
@@ -29,8 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
-    Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
-    ResponseOutparam, Scheme,
+    Fields, FutureIncomingResponse, IncomingRequest, Method, OutgoingBody, OutgoingRequest,
+    OutgoingResponse, ResponseOutparam, Scheme,
 };
 
 wasip2::http::proxy::export!(Testbed);
@@ -74,7 +75,8 @@ fn read_body(request: &IncomingRequest) -> Vec<u8> {
     }
 }
 
-fn fetch(url: &str) -> String {
+/// Starts an outbound GET of `url` without waiting for the response.
+fn start_fetch(url: &str) -> Result<FutureIncomingResponse, String> {
     let (scheme, rest) = match url.split_once("://") {
         Some(("https", rest)) => (Scheme::Https, rest),
         Some((_, rest)) => (Scheme::Http, rest),
@@ -95,16 +97,41 @@ fn fetch(url: &str) -> String {
         .expect("path is valid");
     let body = request.body().expect("body is taken once");
     OutgoingBody::finish(body, None).expect("empty body");
-    let future = match outgoing_handler::handle(request, None) {
-        Ok(future) => future,
-        Err(code) => return format!("error: {code:?}"),
-    };
+    outgoing_handler::handle(request, None).map_err(|code| format!("error: {code:?}"))
+}
+
+/// Waits for a started GET; answers its status or its error.
+fn finish_fetch(future: FutureIncomingResponse) -> String {
     future.subscribe().block();
     match future.get() {
         Some(Ok(Ok(response))) => format!("status {}", response.status()),
         Some(Ok(Err(code))) => format!("error: {code:?}"),
         other => format!("error: {other:?}"),
     }
+}
+
+fn fetch(url: &str) -> String {
+    match start_fetch(url) {
+        Ok(future) => finish_fetch(future),
+        Err(error) => error,
+    }
+}
+
+/// Starts `n` GETs of `url` before waiting for any; counts the outcomes.
+fn fanout(url: &str, n: usize) -> String {
+    let started: Vec<_> = (0..n).map(|_| start_fetch(url)).collect();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for fetch in started {
+        let outcome = match fetch {
+            Ok(future) => finish_fetch(future),
+            Err(error) => error,
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    outcomes
+        .iter()
+        .map(|(outcome, count)| format!("{outcome} x{count}\n"))
+        .collect()
 }
 
 impl wasip2::exports::http::incoming_handler::Guest for Testbed {
@@ -167,6 +194,13 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
             "/fetch" => {
                 let url = query_param(query, "url").unwrap_or_default();
                 respond(out, 200, format!("{}\n", fetch(&url)).as_bytes());
+            }
+            "/fanout" => {
+                let url = query_param(query, "url").unwrap_or_default();
+                let n = query_param(query, "n")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                respond(out, 200, fanout(&url, n).as_bytes());
             }
             "/echo" => {
                 let body = read_body(&request);

@@ -756,16 +756,15 @@ fn pairs(
     out
 }
 
-/// `allow_outbound`: `host`, `host:port` or `*`, lowercased.
+/// `allow_outbound`: each entry a rule [`crate::outbound::parse_rule`]
+/// accepts (`host`, `host:port`, `host:*`, `*.domain`, an IP literal, `*`),
+/// lowercased.
 fn outbound_hosts(hosts: Vec<Spanned<String>>, problems: &mut Problems) -> Vec<String> {
     let mut out = Vec::new();
     for host in hosts {
         let h = host.get_ref().trim().to_ascii_lowercase();
-        if h.is_empty() || h.contains(['/', ' ']) {
-            problems.at(
-                host.span(),
-                format!("invalid outbound host `{h}`: expected `host`, `host:port` or `*`"),
-            );
+        if let Err(why) = crate::outbound::parse_rule(&h) {
+            problems.at(host.span(), format!("invalid outbound rule `{h}`: {why}"));
         }
         out.push(h);
     }

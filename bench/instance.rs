@@ -142,7 +142,7 @@ fn main() {
         ("wasmproc (pooling, sized)", prepared.engine.clone()),
         ("wasmtime defaults (on demand)", default_engine()),
     ] {
-        let linker = wasmproc::instance::linker(&engine).unwrap();
+        let linker = wasmproc::instance::linker(&engine, false).unwrap();
         let _ticker = EpochTicker::start(&engine).unwrap();
         let component = Component::new(&engine, &bytes).unwrap();
         let pre = ProxyPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();

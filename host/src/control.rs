@@ -356,6 +356,11 @@ impl Control {
                 self.slot.core_instances
             )));
         }
+        if footprint.wasi_p3 && !self.slot.wasi_p3 {
+            return Err(ChangeError::Artifact(
+                "the artifact is a WASI 0.3 component, and this host started without one, so without the engine's async ABI (restart with it in the formation)".into(),
+            ));
+        }
         let (component, _) = self
             .cache
             .load(&self.engine, bytes)

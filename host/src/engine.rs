@@ -94,6 +94,9 @@ pub struct Footprint {
     pub tables: u32,
     /// Core instances it instantiates.
     pub core_instances: u32,
+    /// Whether it imports or exports a WASI 0.3 interface (`…@0.3…`), and
+    /// so needs the engine's support for the component model's async ABI.
+    pub wasi_p3: bool,
 }
 
 /// Why a file cannot be a component.
@@ -133,11 +136,31 @@ impl Footprint {
                 Payload::MemorySection(s) => footprint.memories += s.count(),
                 Payload::TableSection(s) => footprint.tables += s.count(),
                 Payload::InstanceSection(s) => footprint.core_instances += s.count(),
+                Payload::ComponentImportSection(s) => {
+                    for import in s {
+                        let import =
+                            import.map_err(|e| NotAComponent::Invalid(e.message().to_string()))?;
+                        footprint.wasi_p3 |= is_wasi_p3(import.name.name);
+                    }
+                }
+                Payload::ComponentExportSection(s) => {
+                    for export in s {
+                        let export =
+                            export.map_err(|e| NotAComponent::Invalid(e.message().to_string()))?;
+                        footprint.wasi_p3 |= is_wasi_p3(export.name.name);
+                    }
+                }
                 _ => {}
             }
         }
         Ok(footprint)
     }
+}
+
+/// Whether an import or export name is of a WASI 0.3 interface
+/// (`wasi:http/handler@0.3.0`, and release candidates).
+fn is_wasi_p3(name: &str) -> bool {
+    name.starts_with("wasi:") && name.contains("@0.3")
 }
 
 /// A process type's demand on the engine.
@@ -183,6 +206,7 @@ pub fn slot_footprint(demands: &[Demand]) -> Footprint {
         memories: most(&|f| f.memories),
         tables: (most(&|f| f.tables) * SLOT_HEADROOM).max(8),
         core_instances: (most(&|f| f.core_instances) * SLOT_HEADROOM).max(32),
+        wasi_p3: demands.iter().any(|d| d.footprint.wasi_p3),
     }
 }
 
@@ -226,6 +250,9 @@ pub fn build_engine(demands: &[Demand], capacity: u32) -> anyhow::Result<Engine>
 
     let mut config = Config::new();
     config
+        // The async ABI's bookkeeping costs every call of every store about
+        // fifteen allocations: pay it only when a WASI 0.3 component needs it.
+        .concurrency_support(slot.wasi_p3)
         .wasm_component_model(true)
         .epoch_interruption(true)
         .consume_fuel(demands.iter().any(|d| d.fuel))

@@ -194,8 +194,8 @@ pub fn prepare(
     let demands: Vec<Demand> = loaded.iter().map(|(p, _, f)| Demand::new(p, *f)).collect();
     let engine = engine::build_engine(&demands, formation.capacity)
         .map_err(|e| Refused(format!("{e:#}")))?;
-    let linker = instance::linker(&engine)?;
     let slot = engine::slot_footprint(&demands);
+    let linker = instance::linker(&engine, slot.wasi_p3)?;
     let digests = loaded
         .iter()
         .map(|(p, bytes, _)| (p.name.clone(), engine::digest(bytes)))

@@ -361,3 +361,75 @@ impl Body for ResponseBody {
         self.inner.size_hint()
     }
 }
+
+/// A WASI 0.3 guest's answer body, which tells its unit when hyper is done
+/// with it — sent whole, failed, or dropped. The guest writes such a body
+/// from tasks of its own, which run only while the instance's event loop
+/// does, so the unit keeps the loop running until then.
+pub struct SentBody {
+    inner: HyperOutgoingBody,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SentBody {
+    /// A signal that resolves once the body made by [`SentBodyMaker::wrap`]
+    /// is done with, and the maker.
+    pub fn signal() -> (impl Future<Output = ()> + Send, SentBodyMaker) {
+        let (done, signal) = tokio::sync::oneshot::channel();
+        let signal = async move {
+            let _ = signal.await;
+        };
+        (signal, SentBodyMaker(done))
+    }
+
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Makes the one [`SentBody`] a signal waits for.
+pub struct SentBodyMaker(tokio::sync::oneshot::Sender<()>);
+
+impl SentBodyMaker {
+    /// Wraps the guest's body `inner`.
+    pub fn wrap(self, inner: HyperOutgoingBody) -> HyperOutgoingBody {
+        use http_body_util::BodyExt as _;
+        SentBody {
+            inner,
+            done: Some(self.0),
+        }
+        .boxed_unsync()
+    }
+}
+
+impl Drop for SentBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for SentBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

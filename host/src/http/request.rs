@@ -24,20 +24,64 @@ use std::task::{Context, Poll};
 
 use http::header;
 use tokio::sync::oneshot;
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
 use wasmtime_wasi_http::WasiHttpView as _;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p3::bindings::{Service, ServicePre};
 
 use super::answers::{self, HttpResponse};
-use super::body::{ClientFault, Exchange, Guard, RequestBody};
+use super::body::{ClientFault, Exchange, Guard, RequestBody, SentBody};
 use crate::formation::WebRole;
-use crate::pool::{Failure, Lease, Pool};
+use crate::instance::InstanceState;
+use crate::outbound::SendsNothing;
+use crate::pool::{Failure, Lease, Pool, World};
 
 /// The world web components target: `wasi:http/proxy`.
 pub struct ProxyWorld;
 
-crate::pool::world!(ProxyWorld, role: WebRole, pre: ProxyPre, exports: Proxy,
-    requires: "`wasi:http/incoming-handler`: a web process type must be a `wasi:http/proxy` component");
+/// A web component pre-instantiated: WASI 0.2 or 0.3, told apart by its
+/// exports when it is loaded (so one pool may hold either, and a deploy may
+/// swap one for the other).
+pub enum WebPre {
+    /// A `wasi:http/proxy` component (`incoming-handler`).
+    P2(ProxyPre<InstanceState>),
+    /// A `wasi:http/service` component (`handler`, WASI 0.3).
+    P3(ServicePre<InstanceState>),
+}
+
+/// A live web instance's exports.
+pub enum WebExports {
+    /// WASI 0.2.
+    P2(Proxy),
+    /// WASI 0.3.
+    P3(Service),
+}
+
+impl World for ProxyWorld {
+    type Role = WebRole;
+    type Pre = WebPre;
+    type Exports = WebExports;
+    const REQUIRED_EXPORT: &'static str = "`wasi:http/incoming-handler` (a WASI 0.2 `wasi:http/proxy` component) or `wasi:http/handler` (a WASI 0.3 `wasi:http/service` component)";
+
+    fn pre(pre: InstancePre<InstanceState>) -> wasmtime::Result<WebPre> {
+        match ServicePre::new(pre.clone()) {
+            Ok(service) => Ok(WebPre::P3(service)),
+            Err(_) => ProxyPre::new(pre).map(WebPre::P2),
+        }
+    }
+
+    async fn instantiate(
+        pre: &WebPre,
+        store: &mut Store<InstanceState>,
+    ) -> wasmtime::Result<WebExports> {
+        Ok(match pre {
+            WebPre::P2(pre) => WebExports::P2(pre.instantiate_async(store).await?),
+            WebPre::P3(pre) => WebExports::P3(pre.instantiate_async(store).await?),
+        })
+    }
+}
 
 /// What a guest's answer, or its absence, came to.
 type Answer = Result<HttpResponse, ErrorCode>;
@@ -211,51 +255,101 @@ async fn run(
     exchange: &Arc<Exchange>,
 ) -> Result<(), Failure> {
     lease
-        .run(async move |proxy, store| {
+        .run(async move |exports, store| {
             let guard = Guard::failing(exchange);
-            let (relay, mut relayed) = oneshot::channel();
-            let mut http = store.data_mut().http();
-            let req = http.new_incoming_request(Scheme::Http, request)?;
-            let out = http.new_response_outparam(relay)?;
-            let call = proxy
-                .wasi_http_incoming_handler()
-                .call_handle(store, req, out);
-            let mut call = std::pin::pin!(call);
-            let mut sender = Some(sender);
-            let mut forward = |cx: &mut Context<'_>| {
-                if sender.is_some()
-                    && let Poll::Ready(Ok(answer)) = Pin::new(&mut relayed).poll(cx)
-                    && let Some(sender) = sender.take()
-                {
-                    let _ = sender.send(answer);
-                }
+            let called = match exports {
+                WebExports::P2(proxy) => call_p2(proxy, store, request, sender).await,
+                WebExports::P3(service) => call_p3(service, store, request, sender).await,
             };
-            let called = std::future::poll_fn(|cx| {
-                let polled = call.as_mut().poll(cx);
-                forward(cx);
-                polled
-            })
-            .await;
-            if let Err(error) = called {
-                // A guest that trapped because its client broke the
-                // exchange (its reads or writes failed) is not to blame;
-                // its deadline, fuel and resources stay its own.
-                let budget = matches!(
-                    error.downcast_ref::<wasmtime::Trap>(),
-                    Some(wasmtime::Trap::Interrupt | wasmtime::Trap::OutOfFuel)
-                );
-                return Err(match exchange.fault() {
-                    Some(fault) if !budget => Failure::Client(fault.describe()).into(),
-                    _ => error,
-                });
+            match called {
+                Err(error) => {
+                    // A guest that trapped because its client broke the
+                    // exchange (its reads or writes failed) is not to blame;
+                    // its deadline, fuel and resources stay its own.
+                    let budget = matches!(
+                        error.downcast_ref::<wasmtime::Trap>(),
+                        Some(wasmtime::Trap::Interrupt | wasmtime::Trap::OutOfFuel)
+                    );
+                    Err(match exchange.fault() {
+                        Some(fault) if !budget => Failure::Client(fault.describe()).into(),
+                        _ => error,
+                    })
+                }
+                Ok(()) => {
+                    guard.disarm();
+                    Ok(())
+                }
             }
-            if sender.is_some() {
-                return Err(Failure::NoResponse.into());
-            }
-            guard.disarm();
-            Ok(())
         })
         .await
+}
+
+/// Calls a WASI 0.2 guest's `incoming-handler` with `request`; its answer
+/// goes to `sender` through a relay, so when the call returns the unit
+/// knows whether the guest answered (one that did not fails its unit).
+async fn call_p2(
+    proxy: &Proxy,
+    store: &mut Store<InstanceState>,
+    request: http::Request<RequestBody>,
+    sender: oneshot::Sender<Answer>,
+) -> wasmtime::Result<()> {
+    let (relay, mut relayed) = oneshot::channel();
+    let mut http = store.data_mut().http();
+    let req = http.new_incoming_request(Scheme::Http, request)?;
+    let out = http.new_response_outparam(relay)?;
+    let call = proxy
+        .wasi_http_incoming_handler()
+        .call_handle(store, req, out);
+    let mut call = std::pin::pin!(call);
+    let mut sender = Some(sender);
+    let mut forward = |cx: &mut Context<'_>| {
+        if sender.is_some()
+            && let Poll::Ready(Ok(answer)) = Pin::new(&mut relayed).poll(cx)
+            && let Some(sender) = sender.take()
+        {
+            let _ = sender.send(answer);
+        }
+    };
+    std::future::poll_fn(|cx| {
+        let polled = call.as_mut().poll(cx);
+        forward(cx);
+        polled
+    })
+    .await?;
+    if sender.is_some() {
+        return Err(Failure::NoResponse.into());
+    }
+    Ok(())
+}
+
+/// Calls a WASI 0.3 guest's `handler` with `request` inside the store's
+/// event loop, hands the answer to `sender`, and keeps the loop running —
+/// the guest writes its body from tasks of its own — until hyper has sent
+/// the whole body or given up on it.
+async fn call_p3(
+    service: &Service,
+    store: &mut Store<InstanceState>,
+    request: http::Request<RequestBody>,
+    sender: oneshot::Sender<Answer>,
+) -> wasmtime::Result<()> {
+    let mut hooks = SendsNothing;
+    let (request, request_io) = wasmtime_wasi_http::p3::Request::from_http(&mut hooks, request);
+    store
+        .run_concurrent(async |accessor| -> wasmtime::Result<()> {
+            let response = match service.handle(accessor, request).await? {
+                Ok(response) => response,
+                Err(code) => {
+                    return Err(Failure::Trap(format!("guest answered with error {code:?}")).into());
+                }
+            };
+            let response =
+                accessor.with(|mut access| response.into_http(&mut access, request_io))?;
+            let (sent, body) = SentBody::signal();
+            let _ = sender.send(Ok(response.map(|inner| body.wrap(inner))));
+            sent.await;
+            Ok(())
+        })
+        .await?
 }
 
 /// A unit of work started on a connection's task. If it is dropped before

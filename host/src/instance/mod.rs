@@ -238,12 +238,17 @@ impl ResourceLimiter for InstanceState {
     }
 }
 
-/// A linker with the whole WASI 0.2 set, `wasi:http`, `wasi:config`,
-/// `wasi:keyvalue` and `wasmproc:host/queue`.
-pub fn linker(engine: &Engine) -> anyhow::Result<Linker<InstanceState>> {
+/// A linker with the whole WASI 0.2 set (with `wasi:http`), `wasi:config`,
+/// `wasi:keyvalue` and `wasmproc:host/queue`; with `wasi_p3` (the engine
+/// supports the async ABI) the WASI 0.3 set too.
+pub fn linker(engine: &Engine, wasi_p3: bool) -> anyhow::Result<Linker<InstanceState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    if wasi_p3 {
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+    }
     wasmtime_wasi_config::add_to_linker(&mut linker, |state: &mut InstanceState| {
         WasiConfig::from(&state.grants.config)
     })?;

@@ -409,6 +409,21 @@ fn failed(error: Error) -> SendFuture {
     Box::new(async move { Err(error) })
 }
 
+/// Hooks that send nothing: what wasmproc reads a WASI 0.3 request with,
+/// for wasi-http's filter of forbidden headers and its defaults.
+pub struct SendsNothing;
+
+impl WasiHttpHooks for SendsNothing {
+    fn send_request(
+        &mut self,
+        _request: http::Request<WasiBody>,
+        _options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> SendFuture {
+        failed(Error::HttpRequestDenied)
+    }
+}
+
 impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,

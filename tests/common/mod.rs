@@ -41,7 +41,7 @@ pub fn guest(name: &str) -> String {
 }
 
 /// Replaces `{hello}`, `{testbed}`, `{testworker}`, `{testclock}`,
-/// `{testkv}`, `{kvworker}` with the paths of the built guests.
+/// `{testkv}`, `{kvworker}`, `{testbed3}` with the paths of the built guests.
 pub fn expand(formation: &str) -> String {
     [
         "hello",
@@ -50,6 +50,7 @@ pub fn expand(formation: &str) -> String {
         "testclock",
         "testkv",
         "kvworker",
+        "testbed3",
     ]
     .iter()
     .fold(formation.to_string(), |text, name| {

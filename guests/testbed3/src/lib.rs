@@ -77,7 +77,12 @@ impl wasip3::exports::http::handler::Guest for Testbed3 {
                 let (mut body, _request_trailers) = Request::consume_body(request, request_result);
                 let (mut tx, rx) = wit_stream::new();
                 let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
-                let (response, _result) = Response::new(Fields::new(), Some(rx), trailers_rx);
+                // HTTP/1.1 sends only the trailers the head announces.
+                let headers = Fields::new();
+                headers
+                    .append("trailer", b"x-echoed")
+                    .expect("valid header");
+                let (response, _result) = Response::new(headers, Some(rx), trailers_rx);
                 wit_bindgen::spawn_local(async move {
                     let mut echoed: u64 = 0;
                     loop {

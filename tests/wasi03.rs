@@ -85,3 +85,72 @@ fn a_deploy_swaps_a_wasi_02_component_for_a_wasi_03_one() {
     // not know `/hello`).
     assert_eq!(host.get("/hello").body, "testbed3: no such path\n");
 }
+
+#[test]
+fn one_instance_serves_concurrency_requests_at_once() {
+    // One instance, eight seats, 2 s to answer: eight requests that each
+    // wait 1 s all succeed only if they run side by side.
+    let host = Host::start(&mixed(
+        "scale = 1\nconcurrency = 8\nbacklog = 0\nlimits = { timeout = \"2s\" }",
+    ));
+    let addr = host.addr.clone();
+    let replies: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || request(&addr, "GET", "/whoami?ms=1000", None, None))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    for reply in &replies {
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "web3.1\n"),
+            "{replies:?}"
+        );
+    }
+    // A ninth at once finds every seat taken and no backlog: 503.
+    let busy: Vec<_> = (0..9)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || request(&addr, "GET", "/whoami?ms=500", None, None))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap().status)
+        .collect();
+    assert_eq!(busy.iter().filter(|s| **s == 200).count(), 8, "{busy:?}");
+    assert_eq!(busy.iter().filter(|s| **s == 503).count(), 1, "{busy:?}");
+}
+
+#[test]
+fn a_trap_fails_the_requests_in_flight_on_its_instance_and_only_those() {
+    let mut host = Host::start(&mixed("scale = 1\nconcurrency = 8"));
+    let addr = host.addr.clone();
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || request(&addr, "GET", "/sleep?ms=3000", None, None))
+        })
+        .collect();
+    host.wait_until("four requests in flight", |_| {
+        common::metric(
+            &host.metrics(),
+            "wasmproc_instances_busy",
+            &["process=\"web3\""],
+        ) >= 4.0
+    });
+    assert_eq!(host.get("/trap").status, 500);
+    for thread in waiting {
+        let reply = thread.join().unwrap();
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (500, "`web3` failed (trap)\n")
+        );
+    }
+    host.wait_for_log("instance failed (trap) with 5 requests in flight");
+    // A fresh instance serves the next; the other type never noticed.
+    assert_eq!(host.get("/counter").body, "1\n");
+    assert_eq!(host.get("/hello").status, 200);
+}

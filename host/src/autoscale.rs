@@ -4,7 +4,8 @@
 //!
 //! Rules (Cloudflare Queues and KEDA are the models):
 //! - **web** follows in-flight requests (running plus waiting): it wants
-//!   `⌈in-flight / 0.8⌉` instances, so instances run at about 80%;
+//!   `⌈in-flight / (0.8 × concurrency)⌉` instances, so instances run at
+//!   about 80% of their seats;
 //! - **worker** follows its queue: `⌈depth / 4⌉` instances, and one more
 //!   than now while the oldest deliverable message has waited over 5s;
 //!   `min = 0` scales to zero, and the first message wakes it (within a
@@ -67,12 +68,14 @@ pub async fn run(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
             let Some(bounds) = process.autoscale else {
                 continue;
             };
-            let (signal, wanted) = match process.role {
-                Role::Web(_) => {
+            let (signal, wanted) = match &process.role {
+                Role::Web(web) => {
                     let load = u64::try_from(stats.admitted.get()).unwrap_or(0);
+                    // Each instance serves `concurrency` requests at once.
+                    let per_instance = WEB_TARGET_UTILIZATION * f64::from(web.concurrency.get());
                     (
                         format!("in-flight {load}"),
-                        (load as f64 / WEB_TARGET_UTILIZATION).ceil() as u64,
+                        (load as f64 / per_instance).ceil() as u64,
                     )
                 }
                 Role::Worker(_) => {

@@ -366,10 +366,13 @@ impl Control {
             .load(&self.engine, bytes)
             .map_err(|e| ChangeError::Artifact(format!("the artifact does not compile: {e:#}")))?;
         let generation = pool.deploy(&component, &self.linker).map_err(|e| {
-            ChangeError::Artifact(format!(
-                "the artifact does not fit `{name}`: {e:#}; it must export {}",
-                pool.required_export()
-            ))
+            ChangeError::Artifact(match e.downcast_ref::<crate::pool::Unsuited>() {
+                Some(unsuited) => format!("the artifact cannot serve `{name}`: {unsuited}"),
+                None => format!(
+                    "the artifact does not fit `{name}`: {e:#}; it must export {}",
+                    pool.required_export()
+                ),
+            })
         })?;
         tracing::info!(
             process = name,

@@ -24,7 +24,7 @@ use crate::engine::{self, CacheOutcome, CompileCache, Demand, EpochTicker, Footp
 use crate::formation::{Formation, FormationError, Kind, ProcessType, Role};
 use crate::http::{PoolRouter, ProxyWorld};
 use crate::keyvalue::KeyValue;
-use crate::pool::{Parts, Pool, ProcessPool, World};
+use crate::pool::{Parts, Pool, ProcessPool, Unsuited, World};
 use crate::queue::Queues;
 use crate::router::Router;
 use crate::worker::WorkerWorld;
@@ -256,6 +256,9 @@ pub fn prepare(
 /// Words a linking failure the way a user can act on.
 fn link_error(process: &ProcessType, error: &anyhow::Error) -> String {
     let component = process.component.display();
+    if let Some(unsuited) = error.downcast_ref::<Unsuited>() {
+        return format!("`{component}` cannot serve `{}`: {unsuited}", process.name);
+    }
     let text = format!("{error:#}");
     if text.contains("no exported instance named")
         || text.contains("export") && !text.contains("import")

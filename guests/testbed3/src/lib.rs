@@ -9,7 +9,7 @@
 //! | `/loop`         | spins forever (stopped by the timeout)                          |
 //! | `/sleep?ms=N`   | waits N ms without blocking the instance, then answers `slept N` |
 //! | `/counter`      | increments a global and answers its value                       |
-//! | `/whoami`       | answers its instance name                                       |
+//! | `/whoami?ms=N`  | waits N ms without blocking the instance, then answers its instance name |
 //! | `/echo`         | streams the request body back as it arrives, then trailers `x-echoed: BYTES` |
 //! | `/stream?n=N`   | writes N chunks of 1 KiB, yielding between them                 |
 
@@ -68,10 +68,14 @@ impl wasip3::exports::http::handler::Guest for Testbed3 {
                 let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;
                 text(format!("{n}\n"))
             }
-            "/whoami" => text(format!(
-                "{}\n",
-                std::env::var("WASMPROC_INSTANCE").unwrap_or_default()
-            )),
+            "/whoami" => {
+                let ms: u64 = param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+                wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
+                text(format!(
+                    "{}\n",
+                    std::env::var("WASMPROC_INSTANCE").unwrap_or_default()
+                ))
+            }
             "/echo" => {
                 let (_, request_result) = wit_future::new(|| Ok(()));
                 let (mut body, _request_trailers) = Request::consume_body(request, request_result);

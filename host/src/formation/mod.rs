@@ -65,6 +65,10 @@ pub const DEFAULT_REUSE: NonZeroU32 = NonZeroU32::MIN;
 pub const DEFAULT_BACKLOG: u32 = 256;
 /// Largest backlog a process type may ask for.
 pub const MAX_BACKLOG: u32 = 1_000_000;
+/// Requests one WASI 0.3 instance serves at once, when `concurrency` is absent.
+pub const DEFAULT_CONCURRENCY: NonZeroU32 = NonZeroU32::MIN;
+/// Most `concurrency`.
+pub const MAX_CONCURRENCY: u32 = 1000;
 /// Linear memory one instance may grow to, when `limits.memory` is absent.
 pub const DEFAULT_MEMORY: u64 = 64 << 20;
 /// Smallest memory limit: one WebAssembly page.
@@ -296,6 +300,9 @@ pub struct WebRole {
     pub routes: Vec<Route>,
     /// Requests that may wait for a free instance before 503.
     pub backlog: u32,
+    /// Requests one instance serves at once; above 1 only for WASI 0.3
+    /// components, whose handler is async.
+    pub concurrency: NonZeroU32,
 }
 
 /// What only a worker has.

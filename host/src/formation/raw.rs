@@ -359,6 +359,7 @@ pub(super) struct Process {
     scale: Option<Spanned<ScaleSpec>>,
     reuse: Option<Spanned<u32>>,
     backlog: Option<Spanned<u32>>,
+    concurrency: Option<Spanned<u32>>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -500,6 +501,7 @@ impl Process {
         for (applies, key, at) in [
             (Kind::Web, "routes", first_route.map(Spanned::span)),
             (Kind::Web, "backlog", at(&self.backlog)),
+            (Kind::Web, "concurrency", at(&self.concurrency)),
             (Kind::Worker, "queue", at(&self.queue)),
             (Kind::Worker, "retry", at(&self.retry)),
             (Kind::Clock, "schedule", at(&self.schedule)),
@@ -560,7 +562,19 @@ impl Process {
             "backlog",
             problems,
         );
-        Some(Role::Web(WebRole { routes, backlog }))
+        let concurrency = bounded(
+            self.concurrency.as_ref(),
+            DEFAULT_CONCURRENCY.get(),
+            1..=MAX_CONCURRENCY,
+            "concurrency",
+            problems,
+        );
+        let concurrency = NonZeroU32::new(concurrency).unwrap_or(DEFAULT_CONCURRENCY);
+        Some(Role::Web(WebRole {
+            routes,
+            backlog,
+            concurrency,
+        }))
     }
 
     /// A worker's queue (required, a valid name) and retry policy.

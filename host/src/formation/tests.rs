@@ -18,7 +18,8 @@ fn a_minimal_formation_gets_the_documented_defaults() {
         web.role,
         Role::Web(WebRole {
             routes: vec![Route::parse("/").unwrap()],
-            backlog: DEFAULT_BACKLOG
+            backlog: DEFAULT_BACKLOG,
+            concurrency: DEFAULT_CONCURRENCY,
         })
     );
     assert_eq!((web.scale, web.reuse), (DEFAULT_SCALE, DEFAULT_REUSE));

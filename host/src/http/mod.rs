@@ -30,6 +30,7 @@
 mod answers;
 mod body;
 mod request;
+mod shared;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -63,12 +63,23 @@ impl World for ProxyWorld {
     type Role = WebRole;
     type Pre = WebPre;
     type Exports = WebExports;
+    type State = super::shared::Shared;
     const REQUIRED_EXPORT: &'static str = "`wasi:http/incoming-handler` (a WASI 0.2 `wasi:http/proxy` component) or `wasi:http/handler` (a WASI 0.3 `wasi:http/service` component)";
 
     fn pre(pre: InstancePre<InstanceState>) -> wasmtime::Result<WebPre> {
         match ServicePre::new(pre.clone()) {
             Ok(service) => Ok(WebPre::P3(service)),
             Err(_) => ProxyPre::new(pre).map(WebPre::P2),
+        }
+    }
+
+    fn suits(role: &WebRole, pre: &WebPre) -> Result<(), String> {
+        match pre {
+            WebPre::P2(_) if role.concurrency.get() > 1 => Err(format!(
+                "`concurrency = {}` needs a WASI 0.3 `wasi:http/service` component, whose handler is async; this is a WASI 0.2 `wasi:http/proxy` component (set `concurrency = 1`, or use `reuse`)",
+                role.concurrency
+            )),
+            WebPre::P2(_) | WebPre::P3(_) => Ok(()),
         }
     }
 
@@ -84,7 +95,7 @@ impl World for ProxyWorld {
 }
 
 /// What a guest's answer, or its absence, came to.
-type Answer = Result<HttpResponse, ErrorCode>;
+pub(crate) type Answer = Result<HttpResponse, ErrorCode>;
 
 /// What the connection saw first of a running unit.
 enum Progress {
@@ -129,6 +140,9 @@ pub(crate) async fn serve(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return answers::too_large(limit).into();
+    }
+    if pool.role().concurrency.get() > 1 {
+        return super::shared::serve(pool, request, min_body_rate).await;
     }
     let Some(mut lease) = pool.admit(pool.role().backlog).await else {
         pool.stats.rejected.inc();
@@ -207,7 +221,7 @@ pub(crate) async fn serve(
 
 /// Logs a failed request: a warning for a guest's failure, a debug line
 /// for a client's.
-fn log_failure(
+pub(crate) fn log_failure(
     instance: &str,
     method: &http::Method,
     uri: &http::Uri,

@@ -74,6 +74,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Engine, Store, UpdateDeadline};
 
 pub use failure::Failure;
+pub(crate) use failure::classify as classify_error;
 pub use stats::Stats;
 pub use supervisor::CRASH_LOOP_THRESHOLD;
 
@@ -97,11 +98,20 @@ pub trait World: Send + Sync + 'static {
     type Pre: Send + Sync + 'static;
     /// A live instance's exports.
     type Exports: Send + Sync + 'static;
+    /// What the kind's front keeps in each pool of the kind while it runs.
+    type State: Default + Send + Sync + 'static;
     /// What a component of the kind must export, for error messages.
     const REQUIRED_EXPORT: &'static str;
 
     /// Checks that `pre`'s component exports what the kind needs.
     fn pre(pre: InstancePre<InstanceState>) -> wasmtime::Result<Self::Pre>;
+
+    /// Whether a component pre-instantiated as `pre` can serve a type of
+    /// this kind with `role` (a web type with `concurrency > 1` needs a WASI
+    /// 0.3 component); why not, if it cannot.
+    fn suits(_role: &Self::Role, _pre: &Self::Pre) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Creates an instance in `store`.
     fn instantiate(
@@ -119,6 +129,7 @@ macro_rules! world {
             type Role = $role;
             type Pre = $pre<$crate::instance::InstanceState>;
             type Exports = $exports;
+            type State = ();
             const REQUIRED_EXPORT: &'static str = $requires;
 
             fn pre(
@@ -165,8 +176,25 @@ pub struct Pool<W: World> {
     free: Semaphore,
     slots: Mutex<Slots<Live<W::Exports>>>,
     supervisor: Supervisor,
+    /// What the kind's front keeps here.
+    state: W::State,
     /// Counters for `ps` and `/metrics`.
     pub stats: Stats,
+}
+
+/// A component that links, but cannot serve its type as configured (see
+/// [`World::suits`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsuited(pub String);
+
+/// A request admitted by [`Pool::admit_seat`]; dropping it lets another in.
+pub(crate) struct Admitted<W: World>(Arc<Pool<W>>);
+
+impl<W: World> Drop for Admitted<W> {
+    fn drop(&mut self) {
+        self.0.stats.admitted.dec();
+    }
 }
 
 /// A unit's hold on a slot. Dropping it gives the slot back — or, during a
@@ -195,6 +223,32 @@ impl<W: World> Lease<W> {
     /// The name of the instance this lease runs (`mailer.2`).
     pub fn instance(&self) -> &Arc<str> {
         self.slot.name()
+    }
+
+    /// The slot's instance (created ahead, or now), armed, for a front
+    /// that drives it itself and runs several units in it at once (a WASI
+    /// 0.3 web type with `concurrency > 1`): such a front counts each unit
+    /// with [`Pool::begin_unit`] and [`Pool::end_unit`], and the instance
+    /// lives as long as it keeps it.
+    pub(crate) async fn host(&mut self) -> Result<(Store<InstanceState>, W::Exports), Failure> {
+        let pool = &*self.pool;
+        let generation = pool.generation();
+        let live = match self.slot.take_warm(generation) {
+            // Created ahead (`reuse > 1` prewarms idle slots).
+            Some(warm) => Ok(warm.instance),
+            None => pool.instantiate(self.slot.name()).await,
+        };
+        match live {
+            Ok(mut live) => {
+                pool.arm(&mut live.store);
+                Ok((live.store, live.exports))
+            }
+            Err(failure) => {
+                pool.stats.record_failure(&failure);
+                pool.supervisor.failed(&pool.process.name);
+                Err(failure)
+            }
+        }
     }
 
     /// Runs `call` on the slot's instance as one unit of work: takes the
@@ -239,6 +293,7 @@ impl<W: World> Pool<W> {
     /// A pool for `process`, whose kind's settings are `role`.
     pub fn new(process: ProcessType, role: W::Role, parts: &Parts<'_>) -> anyhow::Result<Pool<W>> {
         let pre = Self::pre(parts.component, parts.linker)?;
+        W::suits(&role, &pre).map_err(Unsuited)?;
         let process = Arc::new(process);
         let grants = Arc::new(Grants::new(
             &process,
@@ -256,6 +311,7 @@ impl<W: World> Pool<W> {
             grants,
             fuel_metered: parts.fuel_metered,
             supervisor: Supervisor::default(),
+            state: W::State::default(),
             stats: Stats::default(),
         };
         pool.scale_to(pool.process.scale);
@@ -277,6 +333,17 @@ impl<W: World> Pool<W> {
     /// The settings of its kind.
     pub fn role(&self) -> &W::Role {
         &self.role
+    }
+
+    /// What the kind's front keeps in this pool.
+    pub(crate) fn state(&self) -> &W::State {
+        &self.state
+    }
+
+    /// Whether a scale-down waits for busy slots to end (a front that keeps
+    /// an instance across units gives its slot back then).
+    pub(crate) fn shrinking(&self) -> bool {
+        self.lock_slots().shrinking()
     }
 
     fn lock_slots(&self) -> MutexGuard<'_, Slots<Live<W::Exports>>> {
@@ -318,6 +385,7 @@ impl<W: World> Pool<W> {
         linker: &Linker<InstanceState>,
     ) -> anyhow::Result<u64> {
         let pre = Self::pre(component, linker)?;
+        W::suits(&self.role, &pre).map_err(Unsuited)?;
         let mut current = self.deployment.write().unwrap_or_else(|p| p.into_inner());
         let generation = current.generation + 1;
         *current = Arc::new(Deployment { pre, generation });
@@ -394,6 +462,18 @@ impl<W: World> Pool<W> {
         };
         lease.admitted = true;
         Some(lease)
+    }
+
+    /// Admits a request that will take a seat of an instance rather than a
+    /// slot of its own (a web type with `concurrency = n`): refused at once
+    /// when `scale × n + backlog` requests are already in.
+    pub(crate) fn admit_seat(self: &Arc<Self>, n: u32, backlog: u32) -> Option<Admitted<W>> {
+        let bound = self.stats.scale.get() * i64::from(n) + i64::from(backlog);
+        if self.stats.admitted.inc() >= bound {
+            self.stats.admitted.dec();
+            return None;
+        }
+        Some(Admitted(self.clone()))
     }
 
     /// Waits for a free slot (workers: the queue itself is the backlog).
@@ -517,7 +597,7 @@ impl<W: World> Pool<W> {
     }
 
     /// Resets the per-unit budgets of a store: deadline, fuel, memory flag.
-    fn arm(&self, store: &mut Store<InstanceState>) {
+    pub(crate) fn arm(&self, store: &mut Store<InstanceState>) {
         let state = store.data_mut();
         state.deadline = Instant::now() + self.process.limits.timeout;
         state.memory_exceeded = false;
@@ -534,8 +614,7 @@ impl<W: World> Pool<W> {
         slot: &mut Slot<Live<W::Exports>>,
     ) -> Result<Warm<Live<W::Exports>>, Failure> {
         let generation = self.generation();
-        self.stats.started.inc();
-        self.stats.busy.inc();
+        let started = self.begin_unit();
         let warm = match slot.take_warm(generation) {
             Some(warm) => Ok(warm),
             // A new instance (first unit, or the old one was retired).
@@ -548,14 +627,39 @@ impl<W: World> Pool<W> {
         let mut warm = match warm {
             Ok(warm) => warm,
             Err(failure) => {
-                self.stats.busy.dec();
-                self.stats.record_failure(&failure);
-                self.supervisor.failed(&self.process.name);
+                self.end_unit(started, Err(&failure));
                 return Err(failure);
             }
         };
         self.arm(&mut warm.instance.store);
         Ok(warm)
+    }
+
+    /// Counts a unit that starts now; [`Pool::end_unit`] counts its end. A
+    /// front that runs several units in one instance at once counts each.
+    pub(crate) fn begin_unit(&self) -> Instant {
+        self.stats.started.inc();
+        self.stats.busy.inc();
+        Instant::now()
+    }
+
+    /// Counts a unit that ended with `outcome`, and tells the supervisor:
+    /// a guest's failure is a step toward a crash loop, a success ends one.
+    pub(crate) fn end_unit(&self, started: Instant, outcome: Result<(), &Failure>) {
+        self.stats.busy.dec();
+        self.stats.latency.observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => {
+                self.stats.succeeded.inc();
+                self.supervisor.succeeded(&self.process.name);
+            }
+            Err(failure) => {
+                self.stats.record_failure(failure);
+                if failure.is_guests() {
+                    self.supervisor.failed(&self.process.name);
+                }
+            }
+        }
     }
 
     /// Ends a unit: keeps the instance if it succeeded and `reuse` allows,
@@ -567,20 +671,9 @@ impl<W: World> Pool<W> {
         outcome: Result<(), &Failure>,
         started: Instant,
     ) {
-        self.stats.busy.dec();
-        self.stats.latency.observe(started.elapsed().as_secs_f64());
-        match outcome {
-            Ok(()) => {
-                self.stats.succeeded.inc();
-                self.supervisor.succeeded(&self.process.name);
-                slot.keep(warm, self.process.reuse);
-            }
-            Err(failure) => {
-                self.stats.record_failure(failure);
-                if failure.is_guests() {
-                    self.supervisor.failed(&self.process.name);
-                }
-            }
+        self.end_unit(started, outcome);
+        if outcome.is_ok() {
+            slot.keep(warm, self.process.reuse);
         }
     }
 }

@@ -141,6 +141,11 @@ impl<I> Slots<I> {
         self.target
     }
 
+    /// Whether a scale-down waits for busy slots to end.
+    pub(crate) fn shrinking(&self) -> bool {
+        self.retiring > 0
+    }
+
     /// Idle slots that keep a live instance.
     pub(crate) fn warm(&self) -> usize {
         self.idle.iter().filter(|slot| slot.is_warm()).count()

@@ -189,10 +189,14 @@ struct FormationArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = telemetry::init(cli.log_format, &cli.log_level) {
-        eprintln!("error: {e:#}");
-        return ExitCode::from(2);
-    }
+    // Kept until the end: dropping it flushes the last spans.
+    let _telemetry = match telemetry::init(cli.log_format, &cli.log_level) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -41,6 +41,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 pub use answers::HttpResponse;
 pub use request::ProxyWorld;
@@ -49,6 +50,7 @@ use crate::accept::{Connections, accept_until};
 use crate::formation::HttpSettings;
 use crate::pool::Pool;
 use crate::router::Router;
+use crate::telemetry;
 use body::{InFlight, ResponseBody};
 use request::Served;
 
@@ -82,6 +84,36 @@ async fn dispatch(
     }
 }
 
+/// [`dispatch`] in a server span that follows the request's
+/// `traceparent`; only called when tracing is on.
+async fn traced(
+    router: &PoolRouter,
+    request: http::Request<hyper::body::Incoming>,
+    min_body_rate: u64,
+) -> Served {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %request.method(),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        url.path = %request.uri().path(),
+        process = tracing::field::Empty,
+        instance = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    telemetry::follow_headers(&span, request.headers());
+    let served = dispatch(router, request, min_body_rate)
+        .instrument(span.clone())
+        .await;
+    let status = served.response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    served
+}
+
 /// Serves HTTP on `listener` as `settings` say until `shutdown` resolves,
 /// then lets open connections finish their answers for at most
 /// `settings.shutdown_grace`.
@@ -108,8 +140,11 @@ pub async fn serve(
                 let in_flight = counted.clone();
                 in_flight.begin();
                 async move {
-                    let Served { response, exchange } =
-                        dispatch(&router, request, min_body_rate).await;
+                    let Served { response, exchange } = if telemetry::enabled() {
+                        traced(&router, request, min_body_rate).await
+                    } else {
+                        dispatch(&router, request, min_body_rate).await
+                    };
                     let response =
                         response.map(|body| ResponseBody::new(body, exchange, in_flight));
                     // See the module docs: let the worker's other ready

@@ -24,6 +24,7 @@ use std::task::{Context, Poll};
 
 use http::header;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 use wasmtime_wasi_http::WasiHttpView as _;
@@ -37,6 +38,7 @@ use crate::formation::WebRole;
 use crate::instance::InstanceState;
 use crate::outbound::SendsNothing;
 use crate::pool::{Failure, Lease, Pool, World};
+use crate::telemetry;
 
 /// The world web components target: `wasi:http/proxy`.
 pub struct ProxyWorld;
@@ -150,6 +152,11 @@ pub(crate) async fn serve(
         return answers::at_capacity(process).into();
     };
     let name = lease.instance().clone();
+    if telemetry::enabled() {
+        let span = tracing::Span::current();
+        span.record("process", &*process.name);
+        span.record("instance", &*name);
+    }
     let method = request.method().clone();
     let uri = request.uri().clone();
     let exchange = Arc::new(Exchange::default());
@@ -165,7 +172,7 @@ pub(crate) async fn serve(
     let unit_name = name.clone();
     let unit_uri = uri.clone();
     let unit_method = method.clone();
-    let mut unit = Detached(Some(Box::pin(async move {
+    let unit = async move {
         let outcome = run(&mut lease, request, sender, &unit_exchange).await;
         drop(lease);
         if let Err(failure) = &outcome
@@ -181,7 +188,14 @@ pub(crate) async fn serve(
             );
         }
         outcome
-    })));
+    };
+    // A unit that detaches stays in the request's span (tracing on only:
+    // looking up the current span costs every request).
+    let mut unit = Detached(Some(if telemetry::enabled() {
+        Box::pin(unit.instrument(tracing::Span::current()))
+    } else {
+        Box::pin(unit)
+    }));
     let progress = std::future::poll_fn(|cx| {
         if let Poll::Ready(outcome) = unit.poll_unit(cx) {
             return Poll::Ready(Progress::Ended(outcome));

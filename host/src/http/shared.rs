@@ -178,6 +178,9 @@ pub(crate) async fn serve(
         pool.stats.rejected.inc();
         return answers::at_capacity(process).into();
     };
+    if crate::telemetry::enabled() {
+        tracing::Span::current().record("process", &*process.name);
+    }
     let exchange = Arc::new(Exchange::default());
     let limit = process.limits.body;
     let method = request.method().clone();

@@ -59,14 +59,17 @@ mod warnings;
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::formation::ProcessType;
+use crate::telemetry;
 pub use address::{AddressClass, classify};
 pub use listeners::guard_listener;
 use rules::{Host, Target};
@@ -427,9 +430,93 @@ impl WasiHttpHooks for SendsNothing {
 impl WasiHttpHooks for Outbound {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> SendFuture {
+        if !telemetry::enabled() {
+            return self.send(request, options);
+        }
+        // A client span in the unit's trace; the request carries it on.
+        let span = tracing::info_span!(
+            "http.client",
+            otel.name = %request.method(),
+            otel.kind = "client",
+            http.request.method = %request.method(),
+            server.address = request.uri().host().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        telemetry::stamp_headers(&span, request.headers_mut());
+        let sending = {
+            let _entered = span.enter();
+            Pin::from(self.send(request, options))
+        };
+        Box::new(
+            async move {
+                let sent = sending.await;
+                let span = tracing::Span::current();
+                match &sent {
+                    Ok((response, _)) => {
+                        span.record("http.response.status_code", response.status().as_u16());
+                    }
+                    Err(error) => {
+                        span.record("otel.status_code", "ERROR");
+                        span.record("error.type", tracing::field::debug(error));
+                    }
+                }
+                sent
+            }
+            .instrument(span),
+        )
+    }
+
+    // The failures below are the guest's business (a server that refuses,
+    // a bad certificate): they reach the guest as error codes, and the log
+    // only at debug level, since a guest can cause them in a loop.
+
+    fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> ErrorCode {
+        tracing::debug!(instance = %self.instance, "outbound HTTP error: {err}");
+        if err.is_incomplete_message() {
+            ErrorCode::HttpResponseIncomplete
+        } else if err.is_timeout() {
+            ErrorCode::HttpResponseTimeout
+        } else if err.is_closed() || err.is_canceled() {
+            ErrorCode::ConnectionTerminated
+        } else {
+            ErrorCode::HttpProtocolError
+        }
+    }
+
+    fn p2_error_from_connect(&mut self, err: &std::io::Error) -> ErrorCode {
+        tracing::debug!(instance = %self.instance, "outbound connection failed: {err}");
+        ErrorCode::DestinationUnavailable
+    }
+
+    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> ErrorCode {
+        tracing::debug!(instance = %self.instance, "outbound TLS failed: {err}");
+        ErrorCode::TlsProtocolError
+    }
+
+    /// Bodies a guest writes hold at most two chunks of
+    /// [`BODY_CHUNK_BYTES`] on the host, not wasi-http's 2 × 1 MiB: part
+    /// of the bound on what one instance can make the host hold.
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        BODY_CHUNK_BYTES
+    }
+}
+
+impl Outbound {
+    /// Sends a guest's request as the policy allows.
+    fn send(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
     ) -> SendFuture {
         let authority = request
             .uri()
@@ -492,44 +579,6 @@ impl WasiHttpHooks for Outbound {
             }
             sent
         })
-    }
-
-    // The failures below are the guest's business (a server that refuses,
-    // a bad certificate): they reach the guest as error codes, and the log
-    // only at debug level, since a guest can cause them in a loop.
-
-    fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> ErrorCode {
-        tracing::debug!(instance = %self.instance, "outbound HTTP error: {err}");
-        if err.is_incomplete_message() {
-            ErrorCode::HttpResponseIncomplete
-        } else if err.is_timeout() {
-            ErrorCode::HttpResponseTimeout
-        } else if err.is_closed() || err.is_canceled() {
-            ErrorCode::ConnectionTerminated
-        } else {
-            ErrorCode::HttpProtocolError
-        }
-    }
-
-    fn p2_error_from_connect(&mut self, err: &std::io::Error) -> ErrorCode {
-        tracing::debug!(instance = %self.instance, "outbound connection failed: {err}");
-        ErrorCode::DestinationUnavailable
-    }
-
-    fn p2_error_from_tls(&mut self, err: &std::io::Error) -> ErrorCode {
-        tracing::debug!(instance = %self.instance, "outbound TLS failed: {err}");
-        ErrorCode::TlsProtocolError
-    }
-
-    /// Bodies a guest writes hold at most two chunks of
-    /// [`BODY_CHUNK_BYTES`] on the host, not wasi-http's 2 × 1 MiB: part
-    /// of the bound on what one instance can make the host hold.
-    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
-        1
-    }
-
-    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
-        BODY_CHUNK_BYTES
     }
 }
 

@@ -70,6 +70,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Engine, Store, UpdateDeadline};
 
@@ -83,6 +84,7 @@ use crate::formation::ProcessType;
 use crate::instance::{Grants, InstanceState};
 use crate::keyvalue::KeyValue;
 use crate::queue::Queues;
+use crate::telemetry;
 use failure::classify;
 use slots::{Returned, Slot, Slots, Warm};
 use supervisor::Supervisor;
@@ -564,6 +566,17 @@ impl<W: World> Pool<W> {
     }
 
     async fn instantiate(&self, name: &Arc<str>) -> Result<Live<W::Exports>, Failure> {
+        // In a unit's trace, the start of its instance is a span of its own.
+        if telemetry::enabled() && !tracing::Span::current().is_none() {
+            let span =
+                tracing::info_span!("instantiate", process = %self.process.name, instance = %name);
+            return self.start(name).instrument(span).await;
+        }
+        self.start(name).await
+    }
+
+    /// Starts an instance named `name` of the current deployment.
+    async fn start(&self, name: &Arc<str>) -> Result<Live<W::Exports>, Failure> {
         if let Some(backoff) = self.supervisor.current_backoff() {
             tokio::time::sleep(backoff).await;
         }

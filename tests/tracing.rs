@@ -321,6 +321,8 @@ component = "{testbed}"
         attribute(&span, "http.response.status_code").as_deref(),
         Some("500")
     );
+    assert_eq!(attribute(&span, "error.type").as_deref(), Some("trap"));
+    assert_eq!(attribute(&span, "http.route").as_deref(), Some("/"));
     // STATUS_CODE_ERROR
     assert_eq!(span.status.as_ref().map(|s| s.code), Some(2));
 }

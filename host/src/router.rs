@@ -35,6 +35,11 @@ impl<T> Router<T> {
     /// The target for a request to `host` (the `Host` header, port allowed)
     /// and `path`.
     pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<&T> {
+        self.matching(host, path).map(|(_, target)| target)
+    }
+
+    /// The route that matches a request, with its target.
+    pub fn matching(&self, host: Option<&str>, path: &str) -> Option<(&Route, &T)> {
         let host = host.map(strip_port);
         self.routes
             .iter()
@@ -46,7 +51,7 @@ impl<T> Router<T> {
                 };
                 host_ok && prefix_matches(&route.prefix, path)
             })
-            .map(|(_, target)| target)
+            .map(|(route, target)| (route, target))
     }
 }
 

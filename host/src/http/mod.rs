@@ -78,8 +78,13 @@ async fn dispatch(
     let Some(host) = host else {
         return answers::missing_host().into();
     };
-    match router.resolve(Some(host), request.uri().path()) {
-        Some(pool) => request::serve(pool, request, min_body_rate).await,
+    match router.matching(Some(host), request.uri().path()) {
+        Some((route, pool)) => {
+            if telemetry::enabled() {
+                tracing::Span::current().record("http.route", route.to_string());
+            }
+            request::serve(pool, request, min_body_rate).await
+        }
         None => answers::no_route(request.uri().path()).into(),
     }
 }
@@ -97,8 +102,10 @@ async fn traced(
         otel.kind = "server",
         http.request.method = %request.method(),
         url.path = %request.uri().path(),
+        http.route = tracing::field::Empty,
         process = tracing::field::Empty,
         instance = tracing::field::Empty,
+        error.type = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );

@@ -242,6 +242,9 @@ pub(crate) fn log_failure(
     failure: &Failure,
     when: &str,
 ) {
+    if telemetry::enabled() {
+        tracing::Span::current().record("error.type", failure.reason());
+    }
     let detail = failure.detail();
     let sep = if detail.is_empty() { "" } else { ": " };
     let when = if when.is_empty() {

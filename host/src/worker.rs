@@ -14,6 +14,11 @@
 //!   a trap, a timeout, exhausted fuel or memory → redelivery after backoff
 //!   (exponential between the type's bounds, with jitter); `reject`, or a
 //!   failure on the last allowed attempt → the dead-letter queue;
+//! - no redelivery is further off than `[queue] max_delay`: a longer retry
+//!   delay is capped at it, with a log line;
+//! - an idle loop waits for the backend to say a message may be ready —
+//!   including when a retried or delayed message comes due — so a short
+//!   retry delay is kept, not rounded up to `IDLE_WAIT`;
 //! - on shutdown the loop stops leasing and the pool drains.
 
 use std::sync::Arc;
@@ -33,8 +38,8 @@ pub struct WorkerWorld;
 crate::pool::world!(WorkerWorld, role: WorkerRole, pre: WorkerPre, exports: Worker,
     requires: "`wasmproc:host/handler`: a worker must target the `wasmproc:host/worker` world");
 
-/// How long an idle worker loop waits for a message before looking again
-/// (a local enqueue wakes it at once).
+/// Longest an idle worker loop waits for a message before looking again
+/// (a local enqueue, a local retry or a due time wakes it sooner).
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// How long the loop pauses after the backend failed.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -225,6 +230,15 @@ impl Verdict {
     }
 }
 
+/// Caps a redelivery at `max_delay`; returns the verdict and, when it was
+/// capped, the delay that was asked for.
+fn cap(verdict: Verdict, max_delay: Duration) -> (Verdict, Option<Duration>) {
+    match verdict {
+        Verdict::Retry(delay) if delay > max_delay => (Verdict::Retry(max_delay), Some(delay)),
+        other => (other, None),
+    }
+}
+
 /// Decides what becomes of `delivery` after its unit ended with `outcome`,
 /// under `policy`. The handler decides whether a redelivery can help; a
 /// failed unit (trap, timeout, fuel, memory) counts as a retry.
@@ -277,7 +291,19 @@ async fn run(
         })
         .await;
     drop(lease);
-    let verdict = verdict(&outcome, &delivery, &pool.role().retry);
+    let (verdict, asked) = cap(
+        verdict(&outcome, &delivery, &pool.role().retry),
+        queues.max_delay(),
+    );
+    if let Some(asked) = asked {
+        tracing::warn!(
+            instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
+            attempt = delivery.attempt,
+            "retry delay of {} capped at `[queue] max_delay` ({})",
+            humantime::format_duration(round(asked)),
+            humantime::format_duration(queues.max_delay())
+        );
+    }
     let backend = queues.backend();
     let settled = match &verdict {
         Verdict::Handled => backend.ack(&delivery).await,
@@ -426,6 +452,21 @@ mod tests {
             verdict(&trap, &delivery, &policy),
             Verdict::DeadLetter("trap on the last attempt (3)".into())
         );
+    }
+
+    #[test]
+    fn a_retry_beyond_the_maximum_delay_is_capped() {
+        let max = Duration::from_secs(30 * 24 * 3600);
+        let huge = Duration::from_millis(u64::MAX);
+        assert_eq!(
+            cap(Verdict::Retry(huge), max),
+            (Verdict::Retry(max), Some(huge))
+        );
+        assert_eq!(
+            cap(Verdict::Retry(Duration::from_millis(50)), max),
+            (Verdict::Retry(Duration::from_millis(50)), None)
+        );
+        assert_eq!(cap(Verdict::Handled, max), (Verdict::Handled, None));
     }
 
     #[test]

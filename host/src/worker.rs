@@ -140,6 +140,10 @@ async fn release(backend: &Arc<dyn Backend>, delivery: &Delivery, why: &str) {
 
 /// Most messages a worker loop leases ahead of its free slots.
 pub const MAX_AHEAD: usize = 256;
+/// Most bytes of message bodies a worker loop leases ahead of its free
+/// slots, as far as it can tell from the largest body of its last lease
+/// (so 8 MiB messages are leased 8 ahead, not 256: 2 GiB of them).
+pub const MAX_AHEAD_BYTES: usize = 64 << 20;
 
 /// Messages leased ahead of free slots, so a slot that frees up finds work
 /// without a round trip to the queue — and so one lease call serves many
@@ -152,12 +156,14 @@ pub const MAX_AHEAD: usize = 256;
 /// message that waited a whole timeout. Such a message is not run but given
 /// back (it counts as a delivery), so every unit starts with more than a
 /// timeout left on its lease (which lasts twice the timeout plus a second)
-/// and no message runs twice at once.
+/// and no message runs twice at once. Large messages lease fewer ahead:
+/// at most [`MAX_AHEAD_BYTES`] of them, by the largest body last leased.
 #[derive(Default)]
 struct Prefetch {
     leased: std::collections::VecDeque<(Delivery, Instant)>,
     ahead: usize,
     longest_wait: Duration,
+    largest_body: usize,
 }
 
 impl Prefetch {
@@ -172,11 +178,15 @@ impl Prefetch {
         }
         self.ahead = self.ahead.max(scale);
         self.longest_wait = Duration::ZERO;
-        free + self.ahead - self.leased.len()
+        let by_bytes = (MAX_AHEAD_BYTES / self.largest_body.max(1)).max(1);
+        (free + self.ahead.min(by_bytes)).saturating_sub(self.leased.len())
     }
 
     /// Adds `deliveries`, leased at `now`.
     fn fill(&mut self, deliveries: Vec<Delivery>, now: Instant) {
+        if let Some(largest) = deliveries.iter().map(|d| d.body.len()).max() {
+            self.largest_body = largest;
+        }
         self.leased.extend(deliveries.into_iter().map(|d| (d, now)));
     }
 
@@ -394,6 +404,27 @@ mod tests {
         // Enough leased already: nothing more is asked for.
         prefetch.fill(deliveries(5), t0);
         assert_eq!(prefetch.wanted(2, 2, timeout), 0);
+    }
+
+    #[test]
+    fn prefetch_leases_fewer_large_messages_ahead() {
+        let timeout = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut prefetch = Prefetch::default();
+        let mut stale = Vec::new();
+        let mut large = deliveries(4);
+        for delivery in &mut large {
+            delivery.body = vec![0; 16 << 20];
+        }
+        assert_eq!(prefetch.wanted(4, 4, timeout), 4 + 4);
+        prefetch.fill(large, t0);
+        while prefetch.take(timeout, t0, &mut stale).is_some() {}
+        // 64 MiB of 16 MiB messages: four ahead, not eight.
+        assert_eq!(prefetch.wanted(4, 4, timeout), 4 + 4);
+        prefetch.fill(deliveries(1), t0);
+        while prefetch.take(timeout, t0, &mut stale).is_some() {}
+        // Small again: as far ahead as it would have gone.
+        assert_eq!(prefetch.wanted(4, 4, timeout), 4 + 16);
     }
 
     #[test]

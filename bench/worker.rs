@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmproc::engine::{CompileCache, EpochTicker};
-use wasmproc::formation::Formation;
+use wasmproc::formation::{DEFAULT_MAX_BYTES, DEFAULT_MAX_DELAY, Formation};
 use wasmproc::pool::Pool;
 use wasmproc::queue::{Backend, Embedded, NewMessage, Queues, Redis};
 use wasmproc::run::KindPool;
@@ -122,6 +122,7 @@ async fn wasmproc(backend: Arc<dyn Backend>, component: &Path, scale: u32, n: us
         backend.clone(),
         BTreeSet::from([QUEUE.to_string()]),
         1 << 20,
+        DEFAULT_MAX_DELAY,
     );
     let cache = CompileCache::new(std::env::temp_dir().join("wasmproc-bench-cache"));
     let prepared = wasmproc::run::prepare(
@@ -157,15 +158,18 @@ async fn open(store: &Store, run: u32, dirs: &mut Vec<tempfile::TempDir>) -> Arc
     match store {
         Store::Embedded => {
             let dir = tempfile::tempdir().unwrap();
-            let backend = Arc::new(Embedded::open(dir.path()).unwrap());
+            let backend = Arc::new(Embedded::open(dir.path(), DEFAULT_MAX_BYTES).unwrap());
             dirs.push(dir);
             backend
         }
         // A database of its own per run (bench/worker.sh starts a fresh server).
         Store::Redis(url) => Arc::new(
-            Redis::connect(&format!("{}/{run}", url.trim_end_matches('/')))
-                .await
-                .unwrap(),
+            Redis::connect(
+                &format!("{}/{run}", url.trim_end_matches('/')),
+                DEFAULT_MAX_BYTES,
+            )
+            .await
+            .unwrap(),
         ),
     }
 }

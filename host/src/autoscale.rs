@@ -61,6 +61,11 @@ pub async fn run(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
                 stats
                     .queue_depth
                     .set(i64::try_from(depth).unwrap_or(i64::MAX));
+                if let Ok(bytes) = queues.backend().bytes(queue).await {
+                    stats
+                        .queue_bytes
+                        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                }
                 stats
                     .queue_age_seconds
                     .set(age.map_or(0.0, |a| a.as_secs_f64()));

@@ -33,6 +33,27 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// What `wasmproc enqueue` may add to a message.
+#[derive(Debug, Default)]
+pub struct EnqueueOptions<'a> {
+    /// The body's media type.
+    pub content_type: Option<&'a str>,
+    /// Deliver no earlier than this, as the host parses it (`1m 30s`).
+    pub delay: Option<&'a str>,
+    /// The idempotency key.
+    pub key: Option<&'a str>,
+}
+
+/// What the host answered an enqueue.
+#[derive(Debug, serde::Deserialize)]
+pub struct Enqueued {
+    /// The message id.
+    pub id: String,
+    /// True when the key named a message enqueued before (this is its id).
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
 /// A running host's admin API.
 pub struct AdminClient {
     addr: String,
@@ -73,31 +94,33 @@ impl AdminClient {
         Ok(AdminClient { addr, token })
     }
 
-    /// `POST /queues/Q/messages`: enqueues `body`; returns the message id.
+    /// `POST /queues/Q/messages`: enqueues `body`, under the idempotency
+    /// key `key` if given; returns what the host answered.
     pub async fn enqueue(
         &self,
         queue: &str,
         body: Vec<u8>,
-        content_type: Option<&str>,
-        delay: Option<&str>,
-    ) -> anyhow::Result<String> {
+        options: &EnqueueOptions<'_>,
+    ) -> anyhow::Result<Enqueued> {
         let mut path = format!("/queues/{}/messages", segment(queue));
-        if let Some(delay) = delay {
+        if let Some(delay) = options.delay {
             path.push('?');
             path.push_str(&query(&[("delay", delay)]));
         }
-        #[derive(serde::Deserialize)]
-        struct Enqueued {
-            id: String,
+        let mut headers = Vec::new();
+        if let Some(ct) = options.content_type {
+            headers.push((http::header::CONTENT_TYPE.as_str(), ct));
         }
-        let enqueued: Enqueued = self.call(Method::POST, &path, body, content_type).await?;
-        Ok(enqueued.id)
+        if let Some(key) = options.key {
+            headers.push(("idempotency-key", key));
+        }
+        self.call(Method::POST, &path, body, &headers).await
     }
 
     /// `GET /queues/Q/dead-letters`: the dead letters, as the host wrote them.
     pub async fn dead_letters(&self, queue: &str) -> anyhow::Result<Vec<serde_json::Value>> {
         let path = format!("/queues/{}/dead-letters", segment(queue));
-        self.call(Method::GET, &path, Vec::new(), None).await
+        self.call(Method::GET, &path, Vec::new(), &[]).await
     }
 
     /// `POST /queues/Q/dead-letters/replay`: moves the dead letters `ids`
@@ -112,20 +135,20 @@ impl AdminClient {
         struct Replayed {
             replayed: u64,
         }
-        let replayed: Replayed = self.call(Method::POST, &path, Vec::new(), None).await?;
+        let replayed: Replayed = self.call(Method::POST, &path, Vec::new(), &[]).await?;
         Ok(replayed.replayed)
     }
 
     /// `GET /ps`: the process types.
     pub async fn ps(&self) -> anyhow::Result<Vec<ProcessStatus>> {
-        self.call(Method::GET, "/ps", Vec::new(), None).await
+        self.call(Method::GET, "/ps", Vec::new(), &[]).await
     }
 
     /// `POST /scale`: applies `changes` (`web=3 mailer+1`), all or none;
     /// returns the new scale of each type named.
     pub async fn scale(&self, changes: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
         let body = changes.join(" ").into_bytes();
-        self.call(Method::POST, "/scale", body, None).await
+        self.call(Method::POST, "/scale", body, &[]).await
     }
 
     /// `POST /deploy/TYPE`: swaps in the component `bytes`; returns its
@@ -137,7 +160,12 @@ impl AdminClient {
             generation: u64,
         }
         let deployed: Deployed = self
-            .call(Method::POST, &path, bytes, Some("application/wasm"))
+            .call(
+                Method::POST,
+                &path,
+                bytes,
+                &[(http::header::CONTENT_TYPE.as_str(), "application/wasm")],
+            )
             .await?;
         Ok(deployed.generation)
     }
@@ -145,7 +173,7 @@ impl AdminClient {
     /// `GET /kv/B/K`: the value of `key` in `bucket`, if any.
     pub async fn kv_get(&self, bucket: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let path = format!("/kv/{}/{}", segment(bucket), segment(key));
-        let (status, body) = self.send(Method::GET, &path, Vec::new(), None).await?;
+        let (status, body) = self.send(Method::GET, &path, Vec::new(), &[]).await?;
         match status {
             http::StatusCode::OK => Ok(Some(body)),
             http::StatusCode::NOT_FOUND
@@ -160,14 +188,14 @@ impl AdminClient {
     /// `PUT /kv/B/K`: sets `key` in `bucket` to `value`.
     pub async fn kv_set(&self, bucket: &str, key: &str, value: Vec<u8>) -> anyhow::Result<()> {
         let path = format!("/kv/{}/{}", segment(bucket), segment(key));
-        let _: serde_json::Value = self.call(Method::PUT, &path, value, None).await?;
+        let _: serde_json::Value = self.call(Method::PUT, &path, value, &[]).await?;
         Ok(())
     }
 
     /// `DELETE /kv/B/K`: removes `key` from `bucket`.
     pub async fn kv_delete(&self, bucket: &str, key: &str) -> anyhow::Result<()> {
         let path = format!("/kv/{}/{}", segment(bucket), segment(key));
-        let _: serde_json::Value = self.call(Method::DELETE, &path, Vec::new(), None).await?;
+        let _: serde_json::Value = self.call(Method::DELETE, &path, Vec::new(), &[]).await?;
         Ok(())
     }
 
@@ -185,7 +213,7 @@ impl AdminClient {
             if let Some(cursor) = cursor {
                 path.push_str(&format!("?cursor={cursor}"));
             }
-            let page: Page = self.call(Method::GET, &path, Vec::new(), None).await?;
+            let page: Page = self.call(Method::GET, &path, Vec::new(), &[]).await?;
             keys.extend(page.keys);
             match page.cursor {
                 Some(next) => cursor = Some(next),
@@ -194,16 +222,16 @@ impl AdminClient {
         }
     }
 
-    /// Sends one request; fails with the host's message unless it succeeded;
-    /// decodes the JSON answer.
+    /// Sends one request with `headers`; fails with the host's message
+    /// unless it succeeded; decodes the JSON answer.
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
-        content_type: Option<&str>,
+        headers: &[(&str, &str)],
     ) -> anyhow::Result<T> {
-        let (status, body) = self.send(method, path, body, content_type).await?;
+        let (status, body) = self.send(method, path, body, headers).await?;
         let text = String::from_utf8_lossy(&body);
         if !status.is_success() {
             bail!("{}", error_text(&text));
@@ -218,7 +246,7 @@ impl AdminClient {
         method: Method,
         path: &str,
         body: Vec<u8>,
-        content_type: Option<&str>,
+        headers: &[(&str, &str)],
     ) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
         let addr = &self.addr;
         let stream = tokio::net::TcpStream::connect(addr)
@@ -231,8 +259,8 @@ impl AdminClient {
             .method(method)
             .uri(path)
             .header(http::header::HOST, addr);
-        if let Some(ct) = content_type {
-            request = request.header(http::header::CONTENT_TYPE, ct);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         if let Some(token) = &self.token {
             request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));

@@ -7,7 +7,13 @@
 //!   `scale = 1`: while the previous tick still runs) the tick is skipped
 //!   and the log says so;
 //! - a tick's failure (trap, timeout, …) or error result is logged; the
-//!   next tick comes as scheduled.
+//!   next tick comes as scheduled;
+//! - hosts that share a queue backend (Redis) run each firing once between
+//!   them: a host with a free slot claims the firing in the backend
+//!   ([`Backend::claim_tick`]) and only the one that gets it runs the tick.
+//!   When the claim cannot be made (the backend is down), the tick is
+//!   skipped with a warning: a clock that must run once would rather miss a
+//!   firing than run it on every host.
 
 use std::sync::Arc;
 
@@ -19,6 +25,7 @@ use crate::bindings::clock::exports::wasmproc::host::scheduled::Tick;
 use crate::bindings::clock::{Clock, ClockPre};
 use crate::formation::ClockRole;
 use crate::pool::{Failure, Lease, Pool};
+use crate::queue::Backend;
 
 /// The world clock components target: `wasmproc:host/clock`.
 pub struct ClockWorld;
@@ -62,8 +69,13 @@ fn next_firing(clock: &ClockRole, after: &DateTime<Tz>) -> Option<DateTime<Tz>> 
     clock.schedule.find_next_occurrence(after, false).ok()
 }
 
-/// Runs the pool's schedule until `shutdown` turns true.
-pub async fn schedule(pool: Arc<Pool<ClockWorld>>, mut shutdown: watch::Receiver<bool>) {
+/// Runs the pool's schedule until `shutdown` turns true; with `shared`,
+/// only the firings this host claims there.
+pub async fn schedule(
+    pool: Arc<Pool<ClockWorld>>,
+    shared: Option<Arc<dyn Backend>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let process = pool.process().clone();
     let clock = pool.role().clone();
     let mut last: Option<DateTime<Tz>> = None;
@@ -91,6 +103,23 @@ pub async fn schedule(pool: Arc<Pool<ClockWorld>>, mut shutdown: watch::Receiver
             );
             continue;
         };
+        if let Some(backend) = &shared {
+            match backend.claim_tick(&process.name, scheduled_at_ms).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(process = %process.name, scheduled = %next.to_rfc3339(), "tick runs on another host");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        process = %process.name,
+                        scheduled = %next.to_rfc3339(),
+                        "tick skipped: cannot claim it in the queue backend: {e}"
+                    );
+                    continue;
+                }
+            }
+        }
         let schedule = process.name.clone();
         tokio::spawn(async move {
             let instance = lease.instance().clone();

@@ -110,9 +110,14 @@ struct EnqueueArgs {
     /// The body's media type.
     #[arg(long)]
     content_type: Option<String>,
-    /// Deliver no earlier than this, such as `30s`.
+    /// Deliver no earlier than this, such as `30s` or `1m 30s`.
     #[arg(long)]
     delay: Option<String>,
+    /// An idempotency key: enqueuing again with the same key (within a
+    /// day) answers with the first message's id instead of adding another,
+    /// so a command that failed with an unknown outcome can be run again.
+    #[arg(long)]
+    key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -292,17 +297,23 @@ async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
         Some(file) => read(file)?,
         None => value_or_stdin(args.body.as_deref())?,
     };
-    let id = args
+    let options = client::EnqueueOptions {
+        content_type: args.content_type.as_deref(),
+        delay: args.delay.as_deref(),
+        key: args.key.as_deref(),
+    };
+    let enqueued = args
         .host
         .client()?
-        .enqueue(
-            &args.queue,
-            body,
-            args.content_type.as_deref(),
-            args.delay.as_deref(),
-        )
+        .enqueue(&args.queue, body, &options)
         .await?;
-    println!("{id}");
+    if enqueued.duplicate {
+        eprintln!(
+            "already enqueued with key `{}`: nothing added",
+            args.key.as_deref().unwrap_or_default()
+        );
+    }
+    println!("{}", enqueued.id);
     Ok(())
 }
 

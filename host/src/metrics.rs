@@ -87,6 +87,11 @@ pub fn registry(pools: &BTreeMap<String, Arc<dyn ProcessPool>>, cache: &CompileC
             s.queue_depth.clone(),
         );
         sub.register(
+            "queue_bytes",
+            "Bytes of messages waiting, delayed or in flight in the worker's queue",
+            s.queue_bytes.clone(),
+        );
+        sub.register(
             "queue_oldest_age_seconds",
             "Age of the oldest deliverable message in the worker's queue",
             s.queue_age_seconds.clone(),

@@ -272,9 +272,17 @@ fn link_error(process: &ProcessType, error: &anyhow::Error) -> String {
     }
 }
 
-/// Whether the formation needs a queue backend: it has a worker.
+/// Whether the formation needs a queue backend: it has a worker, or a
+/// clock whose firings hosts sharing a Redis backend must claim.
 pub fn needs_queues(formation: &Formation) -> bool {
-    formation.processes.iter().any(|p| p.kind() == Kind::Worker)
+    let shared = matches!(
+        formation.queue.backend,
+        crate::formation::QueueBackend::Redis { .. }
+    );
+    formation
+        .processes
+        .iter()
+        .any(|p| p.kind() == Kind::Worker || shared && p.kind() == Kind::Clock)
 }
 
 /// Serves `formation` until SIGTERM or SIGINT.
@@ -348,8 +356,9 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
                     stopped.clone(),
                 ));
             }
-            (KindPool::Clock(pool), _) => {
-                tasks.spawn(clock::schedule(pool.clone(), stopped.clone()));
+            (KindPool::Clock(pool), queues) => {
+                let shared = queues.as_ref().map(|q| q.backend().clone());
+                tasks.spawn(clock::schedule(pool.clone(), shared, stopped.clone()));
             }
             (KindPool::Web(_) | KindPool::Worker(_), _) => {}
         }

@@ -14,6 +14,11 @@
 //!   a trap, a timeout, exhausted fuel or memory → redelivery after backoff
 //!   (exponential between the type's bounds, with jitter); `reject`, or a
 //!   failure on the last allowed attempt → the dead-letter queue;
+//! - no redelivery is further off than `[queue] max_delay`: a longer retry
+//!   delay is capped at it, with a log line;
+//! - an idle loop waits for the backend to say a message may be ready —
+//!   including when a retried or delayed message comes due — so a short
+//!   retry delay is kept, not rounded up to `IDLE_WAIT`;
 //! - on shutdown the loop stops leasing and the pool drains.
 
 use std::sync::Arc;
@@ -33,8 +38,8 @@ pub struct WorkerWorld;
 crate::pool::world!(WorkerWorld, role: WorkerRole, pre: WorkerPre, exports: Worker,
     requires: "`wasmproc:host/handler`: a worker must target the `wasmproc:host/worker` world");
 
-/// How long an idle worker loop waits for a message before looking again
-/// (a local enqueue wakes it at once).
+/// Longest an idle worker loop waits for a message before looking again
+/// (a local enqueue, a local retry or a due time wakes it sooner).
 const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// How long the loop pauses after the backend failed.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
@@ -135,6 +140,10 @@ async fn release(backend: &Arc<dyn Backend>, delivery: &Delivery, why: &str) {
 
 /// Most messages a worker loop leases ahead of its free slots.
 pub const MAX_AHEAD: usize = 256;
+/// Most bytes of message bodies a worker loop leases ahead of its free
+/// slots, as far as it can tell from the largest body of its last lease
+/// (so 8 MiB messages are leased 8 ahead, not 256: 2 GiB of them).
+pub const MAX_AHEAD_BYTES: usize = 64 << 20;
 
 /// Messages leased ahead of free slots, so a slot that frees up finds work
 /// without a round trip to the queue — and so one lease call serves many
@@ -147,12 +156,14 @@ pub const MAX_AHEAD: usize = 256;
 /// message that waited a whole timeout. Such a message is not run but given
 /// back (it counts as a delivery), so every unit starts with more than a
 /// timeout left on its lease (which lasts twice the timeout plus a second)
-/// and no message runs twice at once.
+/// and no message runs twice at once. Large messages lease fewer ahead:
+/// at most [`MAX_AHEAD_BYTES`] of them, by the largest body last leased.
 #[derive(Default)]
 struct Prefetch {
     leased: std::collections::VecDeque<(Delivery, Instant)>,
     ahead: usize,
     longest_wait: Duration,
+    largest_body: usize,
 }
 
 impl Prefetch {
@@ -167,11 +178,15 @@ impl Prefetch {
         }
         self.ahead = self.ahead.max(scale);
         self.longest_wait = Duration::ZERO;
-        free + self.ahead - self.leased.len()
+        let by_bytes = (MAX_AHEAD_BYTES / self.largest_body.max(1)).max(1);
+        (free + self.ahead.min(by_bytes)).saturating_sub(self.leased.len())
     }
 
     /// Adds `deliveries`, leased at `now`.
     fn fill(&mut self, deliveries: Vec<Delivery>, now: Instant) {
+        if let Some(largest) = deliveries.iter().map(|d| d.body.len()).max() {
+            self.largest_body = largest;
+        }
         self.leased.extend(deliveries.into_iter().map(|d| (d, now)));
     }
 
@@ -222,6 +237,15 @@ impl Verdict {
             Verdict::Retry(_) => "retrying",
             Verdict::DeadLetter(_) => "dead-lettered",
         }
+    }
+}
+
+/// Caps a redelivery at `max_delay`; returns the verdict and, when it was
+/// capped, the delay that was asked for.
+fn cap(verdict: Verdict, max_delay: Duration) -> (Verdict, Option<Duration>) {
+    match verdict {
+        Verdict::Retry(delay) if delay > max_delay => (Verdict::Retry(max_delay), Some(delay)),
+        other => (other, None),
     }
 }
 
@@ -277,7 +301,19 @@ async fn run(
         })
         .await;
     drop(lease);
-    let verdict = verdict(&outcome, &delivery, &pool.role().retry);
+    let (verdict, asked) = cap(
+        verdict(&outcome, &delivery, &pool.role().retry),
+        queues.max_delay(),
+    );
+    if let Some(asked) = asked {
+        tracing::warn!(
+            instance = %instance, queue = %delivery.queue, message.id = %delivery.id,
+            attempt = delivery.attempt,
+            "retry delay of {} capped at `[queue] max_delay` ({})",
+            humantime::format_duration(round(asked)),
+            humantime::format_duration(queues.max_delay())
+        );
+    }
     let backend = queues.backend();
     let settled = match &verdict {
         Verdict::Handled => backend.ack(&delivery).await,
@@ -371,6 +407,27 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_leases_fewer_large_messages_ahead() {
+        let timeout = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut prefetch = Prefetch::default();
+        let mut stale = Vec::new();
+        let mut large = deliveries(4);
+        for delivery in &mut large {
+            delivery.body = vec![0; 16 << 20];
+        }
+        assert_eq!(prefetch.wanted(4, 4, timeout), 4 + 4);
+        prefetch.fill(large, t0);
+        while prefetch.take(timeout, t0, &mut stale).is_some() {}
+        // 64 MiB of 16 MiB messages: four ahead, not eight.
+        assert_eq!(prefetch.wanted(4, 4, timeout), 4 + 4);
+        prefetch.fill(deliveries(1), t0);
+        while prefetch.take(timeout, t0, &mut stale).is_some() {}
+        // Small again: as far ahead as it would have gone.
+        assert_eq!(prefetch.wanted(4, 4, timeout), 4 + 16);
+    }
+
+    #[test]
     fn prefetch_gives_back_what_waited_a_timeout_and_shrinks() {
         let timeout = Duration::from_secs(30);
         let t0 = Instant::now();
@@ -426,6 +483,21 @@ mod tests {
             verdict(&trap, &delivery, &policy),
             Verdict::DeadLetter("trap on the last attempt (3)".into())
         );
+    }
+
+    #[test]
+    fn a_retry_beyond_the_maximum_delay_is_capped() {
+        let max = Duration::from_secs(30 * 24 * 3600);
+        let huge = Duration::from_millis(u64::MAX);
+        assert_eq!(
+            cap(Verdict::Retry(huge), max),
+            (Verdict::Retry(max), Some(huge))
+        );
+        assert_eq!(
+            cap(Verdict::Retry(Duration::from_millis(50)), max),
+            (Verdict::Retry(Duration::from_millis(50)), None)
+        );
+        assert_eq!(cap(Verdict::Handled, max), (Verdict::Handled, None));
     }
 
     #[test]

@@ -316,6 +316,7 @@ pub struct RedisServer {
     child: Child,
     /// `redis://127.0.0.1:PORT/`.
     pub url: String,
+    port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -354,8 +355,21 @@ impl RedisServer {
         RedisServer {
             child,
             url: format!("redis://127.0.0.1:{port}/"),
+            port,
             _dir: dir,
         }
+    }
+
+    /// Runs `redis-cli ARGS…` against this server; returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli comes with redis-server");
+        assert!(out.status.success(), "redis-cli {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -426,14 +440,21 @@ impl Host {
 
     /// A request to the admin API, with the host's token.
     pub fn admin_request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
+        self.admin_request_with(method, path, &[], body)
+    }
+
+    /// A request to the admin API with `headers`, and the host's token.
+    pub fn admin_request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
         let bearer = format!("Bearer {}", self.admin_token());
-        request_with(
-            &self.admin,
-            method,
-            path,
-            &[("authorization", &bearer)],
-            body,
-        )
+        let mut all = vec![("authorization", bearer.as_str())];
+        all.extend_from_slice(headers);
+        request_with(&self.admin, method, path, &all, body)
     }
 
     /// `GET /metrics` on the admin API.

@@ -16,7 +16,7 @@
 //! | `/fanout?url=U&n=N` | starts N outbound GETs at once; answers `OUTCOME xCOUNT` lines |
 //! | `/echo`             | answers the request body                                   |
 //! | `/log?msg=M`        | prints M to stdout and to stderr                           |
-//! | `/enqueue?queue=Q&body=B` | enqueues B onto Q and answers the id or the error    |
+//! | `/enqueue?queue=Q&body=B[&delay=MS][&size=N]` | enqueues B (padded with `x` to N bytes) onto Q, delayed MS ms; answers the id or the error |
 //! | `/whoami?ms=N`      | sleeps N ms, then answers its instance name                |
 //! | `/partial?bytes=N`  | answers 200, writes N bytes of its body, then traps        |
 //! | `/noanswer`         | returns without answering                                  |
@@ -222,8 +222,18 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
             }
             "/enqueue" => {
                 let queue = query_param(query, "queue").unwrap_or_default();
-                let body = query_param(query, "body").unwrap_or_default();
-                match enqueue(&queue, body) {
+                let mut body = query_param(query, "body").unwrap_or_default().into_bytes();
+                if let Some(size) = query_param(query, "size").and_then(|n| n.parse().ok()) {
+                    body.resize(size, b'x');
+                }
+                let delay_ms = query_param(query, "delay").and_then(|ms| ms.parse().ok());
+                let message = queue::Message {
+                    body,
+                    content_type: None,
+                    headers: Vec::new(),
+                    delay_ms,
+                };
+                match queue::enqueue(&queue, &message) {
                     Ok(id) => respond(out, 200, format!("enqueued {id}\n").as_bytes()),
                     Err(e) => respond(out, 200, format!("error: {e:?}\n").as_bytes()),
                 }

@@ -9,7 +9,7 @@
 //! | `GET /ps`                                    | the process types, as JSON             |
 //! | `POST /scale` (body `web=3 mailer+1 web-1`)  | changes scales at once                 |
 //! | `POST /deploy/NAME` (body: the component)    | compiles, checks and swaps in a new component |
-//! | `POST /queues/Q/messages[?delay=5s]`         | enqueues the body (its `content-type` kept); `202 {"id": …}` |
+//! | `POST /queues/Q/messages[?delay=5s]`         | enqueues the body (its `content-type` kept); `202 {"id": …}`, or `200 {"id": …, "duplicate": true}` for an `Idempotency-Key` seen before |
 //! | `GET /queues/Q/dead-letters`                 | the dead letters of Q, as JSON         |
 //! | `POST /queues/Q/dead-letters/replay[?ids=a,b]` | moves dead letters back to Q; `{"replayed": n}` |
 //! | `GET /kv/B[?cursor=N]`                       | a page of bucket B's keys: `{"keys": [...], "cursor": n or null}` |
@@ -19,10 +19,14 @@
 //!
 //! Errors are JSON `{"error": "…"}`: 404 for an unknown queue, type or
 //! path, 413 for a message over `[queue] max_message`, 400 for a bad
-//! parameter, 409 for a scale beyond capacity, 422 for a refused artifact,
-//! 503 when the backend fails, 401 without a valid bearer token and 403
-//! for a request a browser sent for a web page (see [`guard`]; `/healthz`
-//! and `/readyz` need neither, for probes).
+//! parameter (a delay over `[queue] max_delay`, a bad idempotency key), 409
+//! for a scale beyond capacity, 422 for a refused artifact, 503 when the
+//! backend fails or the queue is full (`[queue] max_bytes`; with
+//! `Retry-After`), 504 when the backend did not confirm an enqueue (the
+//! message may or may not be there: send it again with the same
+//! `Idempotency-Key`), 401 without a valid bearer token and 403 for a
+//! request a browser sent for a web page (see [`guard`]; `/healthz` and
+//! `/readyz` need neither, for probes).
 //!
 //! The bound address is logged (`admin API on http://…`) and written to
 //! `.wasmproc/admin.addr` beside the formation, and the token generated at
@@ -61,6 +65,12 @@ pub const MAX_CONNECTIONS: u32 = 64;
 /// How long an admin connection may take to send a request's head (and
 /// sit idle between requests).
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// `Retry-After` of a 503 for a full queue, in seconds: it drains at its
+/// workers' pace.
+const QUEUE_FULL_RETRY_AFTER: u32 = 5;
+/// The header naming an enqueue, so a client that retries it does not add
+/// a second message.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 fn change_error(e: &ChangeError) -> AdminResponse {
     let status = match e {
@@ -169,9 +179,17 @@ fn queue_error(e: &QueueError) -> AdminResponse {
     let status = match e {
         QueueError::UnknownQueue(_) => StatusCode::NOT_FOUND,
         QueueError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        QueueError::DelayTooLong { .. } | QueueError::InvalidKey(_) => StatusCode::BAD_REQUEST,
+        QueueError::Full { .. } | QueueError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        QueueError::Unconfirmed(_) => StatusCode::GATEWAY_TIMEOUT,
     };
-    error(status, e)
+    let mut response = error(status, e);
+    if let QueueError::Full { .. } = e {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, QUEUE_FULL_RETRY_AFTER.into());
+    }
+    response
 }
 
 /// The percent-decoded value of the query parameter `name`.
@@ -319,7 +337,20 @@ async fn enqueue(
         Some(Err(e)) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("invalid `delay`: {e}; expected a duration such as 5s"),
+                format!(
+                    "invalid `delay`: {e}; expected a duration such as 5s, at most {} (`[queue] max_delay`)",
+                    humantime::format_duration(queues.max_delay())
+                ),
+            );
+        }
+    };
+    let key = match request.headers().get(IDEMPOTENCY_KEY).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) => Some(key.to_string()),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid `Idempotency-Key`: expected visible ASCII",
             );
         }
     };
@@ -352,16 +383,29 @@ async fn enqueue(
         content_type,
         headers: Vec::new(),
         delay,
+        key,
     };
     match queues.enqueue(queue, message).await {
-        Ok(id) => {
-            tracing::debug!(%queue, message.id = %id, "enqueued through the admin API");
+        Ok(enqueued) if enqueued.duplicate => {
+            tracing::debug!(%queue, message.id = %enqueued.id, "enqueue through the admin API repeated an idempotency key");
             json(
-                StatusCode::ACCEPTED,
-                &serde_json::json!({ "id": id, "queue": queue }),
+                StatusCode::OK,
+                &serde_json::json!({ "id": enqueued.id, "queue": queue, "duplicate": true }),
             )
         }
-        Err(e) => queue_error(&e),
+        Ok(enqueued) => {
+            tracing::debug!(%queue, message.id = %enqueued.id, "enqueued through the admin API");
+            json(
+                StatusCode::ACCEPTED,
+                &serde_json::json!({ "id": enqueued.id, "queue": queue }),
+            )
+        }
+        Err(e) => {
+            if let QueueError::Unconfirmed(_) = e {
+                tracing::warn!(%queue, "enqueue through the admin API unconfirmed: {e}");
+            }
+            queue_error(&e)
+        }
     }
 }
 

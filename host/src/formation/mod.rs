@@ -113,6 +113,22 @@ pub const DEFAULT_QUEUE_PATH: &str = ".wasmproc/queue";
 pub const DEFAULT_MAX_MESSAGE: u64 = 1 << 20;
 /// Largest `[queue] max_message`.
 pub const MAX_MAX_MESSAGE: u64 = 64 << 20;
+/// Longest delay a message may be enqueued with (and longest retry delay),
+/// when `[queue] max_delay` is absent.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Shortest and longest `[queue] max_delay` (ten years of 365.25 days, so
+/// a due time in milliseconds never comes near overflowing).
+pub const MAX_DELAY_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(10 * 31_557_600));
+/// Bytes of messages (bodies, content types and headers) one queue may
+/// hold, waiting, delayed or in flight, when `[queue] max_bytes` is absent.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Largest `[queue] max_bytes`.
+pub const MAX_MAX_BYTES: u64 = 1 << 40;
+/// A worker's `limits.memory` must be at least this many times `[queue]
+/// max_message`: a delivery's body is copied into the instance's linear
+/// memory, and the guest needs room besides it.
+pub const MEMORY_PER_MESSAGE: u64 = 2;
 /// How long load must stay low before an autoscaled type scales down.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
 /// The least instance capacity the pool reserves (see `[pool] capacity`).
@@ -182,13 +198,19 @@ pub struct HttpSettings {
     pub min_body_rate: u64,
 }
 
-/// The `[queue]` table: where messages for workers are kept.
+/// The `[queue]` table: where messages for workers are kept, and the
+/// bounds every enqueue is checked against.
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
     /// The backend.
     pub backend: QueueBackend,
     /// Largest message body accepted, in bytes.
     pub max_message: u64,
+    /// Longest delay a message may be enqueued with; longer retry delays
+    /// are capped at it.
+    pub max_delay: Duration,
+    /// Bytes of messages one queue may hold; beyond, enqueues fail as full.
+    pub max_bytes: u64,
 }
 
 /// Where queued messages live.
@@ -662,6 +684,7 @@ impl Formation {
         }
         let mut http = None;
         let mut queue = None;
+        let mut max_message_span = None;
         let mut admin = None;
         let mut keyvalue = None;
         let mut capacity: Option<Option<Spanned<u32>>> = None;
@@ -675,8 +698,10 @@ impl Formation {
                             .map(|raw| raw.validate(&lookup, &mut problems));
                     }
                     "queue" => {
-                        queue = deserialize::<raw::Queue>(value, &mut problems)
-                            .map(|raw| raw.validate(&dir, &mut problems));
+                        if let Some(raw) = deserialize::<raw::Queue>(value, &mut problems) {
+                            max_message_span = raw.max_message_span();
+                            queue = Some(raw.validate(&dir, &mut problems));
+                        }
                     }
                     "pool" => {
                         capacity = deserialize::<raw::Pool>(value, &mut problems).map(|raw| raw.capacity);
@@ -716,6 +741,7 @@ impl Formation {
             None => raw::Http::default().validate(&lookup, &mut problems),
         };
         let queue = queue.unwrap_or_else(|| raw::Queue::default().validate(&dir, &mut problems));
+        check_message_fits(&queue, max_message_span, &processes, &mut problems);
         let admin = match admin {
             Some(admin) => admin,
             None => raw::Admin::default().validate(&lookup, &mut problems),
@@ -922,6 +948,47 @@ fn check_queues(processes: &[Located], problems: &mut Problems) {
                     ),
                 );
             }
+        }
+    }
+}
+
+/// Every worker must be able to receive the largest message: its
+/// `limits.memory` must be at least [`MEMORY_PER_MESSAGE`] times `[queue]
+/// max_message`. The error points at `max_message` when the file sets it,
+/// else at the worker's component.
+fn check_message_fits(
+    queue: &QueueSettings,
+    max_message_span: Option<Range<usize>>,
+    processes: &[Located],
+    problems: &mut Problems,
+) {
+    for Located { process, .. } in processes {
+        if process.queue().is_none() {
+            continue;
+        }
+        let memory = process.limits.memory;
+        if queue.max_message.saturating_mul(MEMORY_PER_MESSAGE) <= memory {
+            continue;
+        }
+        let (max, at_most, memory) = (
+            values::ByteSize(queue.max_message),
+            values::ByteSize(memory / MEMORY_PER_MESSAGE),
+            values::ByteSize(memory),
+        );
+        let name = &process.name;
+        match &max_message_span {
+            Some(span) => problems.at(
+                span.clone(),
+                format!(
+                    "`max_message` is {max}, but worker `{name}` can receive at most {at_most} (half its `limits.memory` of {memory}): lower `max_message` or raise the `limits.memory` of `{name}`"
+                ),
+            ),
+            None => problems.at(
+                process.component_span.clone(),
+                format!(
+                    "worker `{name}` can receive at most {at_most} (half its `limits.memory` of {memory}), less than `[queue] max_message` ({max}, the default): raise its `limits.memory` or lower `max_message`"
+                ),
+            ),
         }
     }
 }

@@ -157,6 +157,8 @@ impl Admin {
 /// path = ".wasmproc/queue"    # embedded only
 /// url = "redis://127.0.0.1/"  # redis only
 /// max_message = "1MiB"
+/// max_bytes = "1GiB"          # per queue
+/// max_delay = "30days"
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,14 +167,34 @@ pub(super) struct Queue {
     path: Option<Spanned<String>>,
     url: Option<Spanned<String>>,
     max_message: Option<Spanned<Lenient<ByteSize>>>,
+    max_bytes: Option<Spanned<Lenient<ByteSize>>>,
+    max_delay: Option<Spanned<Lenient<HumanDuration>>>,
 }
 
 impl Queue {
+    /// Where `max_message` stands, if the file sets it.
+    pub(super) fn max_message_span(&self) -> Option<Range<usize>> {
+        self.max_message.as_ref().map(Spanned::span)
+    }
+
     pub(super) fn validate(self, dir: &Path, problems: &mut Problems) -> QueueSettings {
         let max_message = checked(&self.max_message, problems)
             .map_or(DEFAULT_MAX_MESSAGE, |(size, span)| {
                 size_within(size, span, 1..=MAX_MAX_MESSAGE, "max_message", problems)
             });
+        let max_bytes =
+            checked(&self.max_bytes, problems).map_or(DEFAULT_MAX_BYTES, |(size, span)| {
+                // At least one message of the largest size must fit.
+                let least = max_message.min(MAX_MAX_BYTES);
+                size_within(size, span, least..=MAX_MAX_BYTES, "max_bytes", problems)
+            });
+        let max_delay = duration_within(
+            &self.max_delay,
+            DEFAULT_MAX_DELAY,
+            MAX_DELAY_BOUNDS.0..=MAX_DELAY_BOUNDS.1,
+            "max_delay",
+            problems,
+        );
         let backend = self
             .backend
             .as_ref()
@@ -197,34 +219,9 @@ impl Queue {
                         "`path` applies to `backend = \"embedded\"` only",
                     );
                 }
-                let url = match &self.url {
-                    Some(url)
-                        if url.get_ref().starts_with("redis://")
-                            || url.get_ref().starts_with("rediss://") =>
-                    {
-                        url.get_ref().clone()
-                    }
-                    Some(url) => {
-                        problems.at(
-                            url.span(),
-                            format!(
-                                "invalid Redis url `{}`: expected `redis://HOST:PORT`",
-                                url.get_ref()
-                            ),
-                        );
-                        String::new()
-                    }
-                    None => {
-                        let span = self.backend.as_ref().map(|b| b.span());
-                        problems.0.push(FormationError {
-                            span,
-                            message: "`backend = \"redis\"` needs `url = \"redis://HOST:PORT\"`"
-                                .into(),
-                        });
-                        String::new()
-                    }
-                };
-                QueueBackend::Redis { url }
+                QueueBackend::Redis {
+                    url: self.redis_url(problems),
+                }
             }
             other => {
                 let span = self.backend.as_ref().map(|b| b.span());
@@ -242,7 +239,36 @@ impl Queue {
         QueueSettings {
             backend,
             max_message,
+            max_delay,
+            max_bytes,
         }
+    }
+
+    /// `url` of a Redis backend: required, `redis://`. A `rediss://` url
+    /// (TLS) is refused here, where the file can point at it, rather than
+    /// when the host first connects: this build has no TLS client.
+    fn redis_url(&self, problems: &mut Problems) -> String {
+        let Some(url) = &self.url else {
+            let span = self.backend.as_ref().map(|b| b.span());
+            problems.0.push(FormationError {
+                span,
+                message: "`backend = \"redis\"` needs `url = \"redis://HOST:PORT\"`".into(),
+            });
+            return String::new();
+        };
+        let text = url.get_ref();
+        if text.starts_with("redis://") {
+            return text.clone();
+        }
+        let message = if text.starts_with("rediss://") {
+            format!(
+                "Redis over TLS (`{text}`) is not supported: expected `redis://HOST:PORT` (to encrypt, run a TLS tunnel such as stunnel on this machine and point `url` at it)"
+            )
+        } else {
+            format!("invalid Redis url `{text}`: expected `redis://HOST:PORT`")
+        };
+        problems.at(url.span(), message);
+        String::new()
     }
 }
 

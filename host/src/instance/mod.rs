@@ -174,21 +174,36 @@ impl queue::Host for InstanceState {
             content_type: message.content_type,
             headers: message.headers,
             delay: std::time::Duration::from_millis(message.delay_ms.unwrap_or(0)),
+            key: None,
         };
         match queues.enqueue(&name, message).await {
-            Ok(id) => {
-                tracing::debug!(instance = %self.instance, queue = %name, message.id = %id, "enqueued");
-                Ok(id)
+            Ok(enqueued) => {
+                tracing::debug!(instance = %self.instance, queue = %name, message.id = %enqueued.id, "enqueued");
+                Ok(enqueued.id)
             }
             Err(QueueError::UnknownQueue(q)) => Err(queue::EnqueueError::UnknownQueue(q)),
             Err(QueueError::TooLarge { limit, .. }) => Err(queue::EnqueueError::TooLarge(limit)),
-            Err(QueueError::Unavailable(why)) => {
+            Err(QueueError::DelayTooLong { limit, .. }) => Err(queue::EnqueueError::DelayTooLong(
+                u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+            )),
+            Err(QueueError::Full { .. }) => Err(queue::EnqueueError::QueueFull),
+            Err(
+                e @ (QueueError::Unavailable(_)
+                | QueueError::Unconfirmed(_)
+                | QueueError::InvalidKey(_)),
+            ) => {
                 if let Some(suppressed) = self.warnings.allow() {
-                    tracing::warn!(instance = %self.instance, queue = %name, suppressed, "enqueue failed: {why}");
+                    tracing::warn!(instance = %self.instance, queue = %name, suppressed, "enqueue failed: {e}");
                 }
-                // The host's own error stays in the host's log.
+                // The host's own error stays in the host's log; the guest
+                // learns whether the message may have been enqueued.
                 Err(queue::EnqueueError::Unavailable(
-                    "the queue backend is unavailable".into(),
+                    if let QueueError::Unconfirmed(_) = e {
+                        "the queue backend did not confirm: the message may or may not have been enqueued"
+                    } else {
+                        "the queue backend is unavailable"
+                    }
+                    .into(),
                 ))
             }
         }

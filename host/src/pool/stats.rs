@@ -33,6 +33,9 @@ pub struct Stats {
     pub latency: Histogram,
     /// Messages waiting or in flight in a worker's queue (set by the sampler).
     pub queue_depth: Gauge,
+    /// Bytes of messages waiting, delayed or in flight in a worker's queue
+    /// (set by the sampler), as counted against `[queue] max_bytes`.
+    pub queue_bytes: Gauge,
     /// Seconds the oldest ready message of a worker's queue has waited.
     pub queue_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Messages moved to the dead-letter queue.
@@ -57,6 +60,7 @@ impl Default for Stats {
             // 100µs to ~13s.
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             queue_depth: Gauge::default(),
+            queue_bytes: Gauge::default(),
             queue_age_seconds: Gauge::default(),
             dead_lettered: Counter::default(),
             idle: Gauge::default(),

@@ -689,6 +689,7 @@ impl Formation {
         let mut keyvalue = None;
         let mut capacity: Option<Option<Spanned<u32>>> = None;
         let mut processes = Vec::new();
+        let mut complete = true;
         if !had_syntax_errors {
             let document = document.into_inner();
             for (key, value) in document {
@@ -715,7 +716,8 @@ impl Formation {
                             .map(|raw| raw.validate(&mut problems));
                     }
                     "process" => {
-                        processes = process_tables(value, &dir, &lookup, &mut problems)
+                        (processes, complete) =
+                            process_tables(value, &dir, &lookup, &mut problems)
                     }
                     other => problems.at(
                         key.span(),
@@ -733,7 +735,7 @@ impl Formation {
                 });
             }
             check_routes(&processes, &mut problems);
-            check_queues(&processes, &mut problems);
+            check_queues(&processes, complete, &mut problems);
         }
 
         let http = match http {
@@ -837,12 +839,13 @@ fn process_tables(
     dir: &Path,
     lookup: &impl Fn(&str) -> Option<String>,
     problems: &mut Problems,
-) -> Vec<Located> {
+) -> (Vec<Located>, bool) {
     let span = value.span();
     let DeValue::Table(table) = value.into_inner() else {
         problems.at(span, "`process` must be a table of `[process.NAME]` tables");
-        return Vec::new();
+        return (Vec::new(), false);
     };
+    let tables = table.len();
     let mut out = Vec::new();
     for (name, body) in table {
         let name_span = name.span();
@@ -857,7 +860,8 @@ fn process_tables(
             out.push(process);
         }
     }
-    out
+    let complete = out.len() == tables;
+    (out, complete)
 }
 
 /// Process type and queue names become instance names (`web.3`), metric
@@ -912,7 +916,7 @@ fn check_routes(processes: &[Located], problems: &mut Problems) {
 
 /// Every queue a type may enqueue onto must be consumed by a worker, and
 /// two workers may not consume one queue.
-fn check_queues(processes: &[Located], problems: &mut Problems) {
+fn check_queues(processes: &[Located], complete: bool, problems: &mut Problems) {
     let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
     for Located { process, .. } in processes {
         if let Some(queue) = process.queue()
@@ -926,6 +930,11 @@ fn check_queues(processes: &[Located], problems: &mut Problems) {
                 ),
             });
         }
+    }
+    if !complete {
+        // A worker with mistakes of its own is not in `processes`: an
+        // enqueue naming its queue is not a mistake too.
+        return;
     }
     let known: Vec<&str> = consumers.keys().copied().collect();
     for Located {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Host};
+use common::{DEADLINE, Host, RedisServer};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
@@ -164,6 +164,32 @@ fn wait_for_span(collector: &Recorder, what: &str, wanted: impl Fn(&Span) -> boo
     }
 }
 
+/// The `service.name` of the host that exported `span`.
+fn exporter_of(collector: &Recorder, span: &Span) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    collector
+        .received()
+        .iter()
+        .filter(|r| r.path == "/v1/traces")
+        .flat_map(|r| {
+            ExportTraceServiceRequest::decode(r.body.as_slice())
+                .unwrap()
+                .resource_spans
+        })
+        .find(|r| {
+            r.scope_spans
+                .iter()
+                .any(|s| s.spans.iter().any(|x| x.span_id == span.span_id))
+        })
+        .and_then(|r| r.resource)
+        .and_then(|r| r.attributes.into_iter().find(|kv| kv.key == "service.name"))
+        .and_then(|kv| match kv.value?.value? {
+            Value::StringValue(s) => Some(s),
+            _ => None,
+        })
+        .unwrap()
+}
+
 /// A span attribute's value, as text.
 fn attribute(span: &Span, key: &str) -> Option<String> {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -180,6 +206,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn traced(formation: &str, collector: &Recorder) -> Host {
+    traced_as(formation, collector, "wasmproc-under-test")
+}
+
+/// Starts `formation` exporting to `collector` as the service `name`.
+fn traced_as(formation: &str, collector: &Recorder, name: &str) -> Host {
     let endpoint = format!("http://127.0.0.1:{}", collector.port);
     Host::start_with(
         formation,
@@ -187,7 +218,7 @@ fn traced(formation: &str, collector: &Recorder) -> Host {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-            ("OTEL_SERVICE_NAME", "wasmproc-under-test"),
+            ("OTEL_SERVICE_NAME", name),
         ],
     )
 }
@@ -355,4 +386,140 @@ component = "{testbed}"
         "{:?}",
         collector.received()
     );
+}
+
+#[test]
+fn one_trace_runs_from_a_web_request_through_redis_into_a_worker_on_another_host() {
+    let collector = Recorder::start();
+    let redis = RedisServer::start();
+    let queue = format!("[queue]\nbackend = \"redis\"\nurl = \"{}\"", redis.url);
+    // Host A serves the web type; its worker is scaled to zero, so host B's
+    // worker handles the message.
+    let front = traced_as(
+        &format!(
+            r#"
+[http]
+listen = "127.0.0.1:0"
+{queue}
+
+[process.web]
+kind = "web"
+component = "{{testbed}}"
+enqueue = ["jobs"]
+
+[process.jobs]
+kind = "worker"
+component = "{{testworker}}"
+queue = "jobs"
+"#
+        ),
+        &collector,
+        "host-a",
+    );
+    let (code, _, stderr) = front.cli(&["scale", "jobs=0"]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut back = traced_as(
+        &format!(
+            r#"
+{queue}
+
+[process.jobs]
+kind = "worker"
+component = "{{testworker}}"
+queue = "jobs"
+"#
+        ),
+        &collector,
+        "host-b",
+    );
+
+    let reply = common::request_with(
+        &front.addr,
+        "GET",
+        "/enqueue?queue=jobs&body=ok:traced",
+        &[("traceparent", &format!("00-{TRACE}-{CALLER}-01"))],
+        None,
+    );
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.starts_with("enqueued "), "{}", reply.body);
+    let id = reply
+        .body
+        .trim()
+        .trim_start_matches("enqueued ")
+        .to_string();
+    back.wait_for_log("processed traced attempt=1");
+
+    let server = wait_for_span(&collector, "http.request", |s| {
+        attribute(s, "url.path").as_deref() == Some("/enqueue")
+    });
+    let publish = wait_for_span(&collector, "queue.publish", |s| s.name == "send jobs");
+    let process = wait_for_span(&collector, "queue.process", |s| s.name == "process jobs");
+
+    // web (host A) → enqueue (host A) → delivery (host B), one trace.
+    assert_eq!(hex(&server.trace_id), TRACE);
+    assert_eq!(hex(&publish.trace_id), TRACE);
+    assert_eq!(hex(&process.trace_id), TRACE);
+    assert_eq!(publish.parent_span_id, server.span_id);
+    assert_eq!(process.parent_span_id, publish.span_id);
+    assert_eq!(publish.kind, 4, "a producer span");
+    assert_eq!(process.kind, 5, "a consumer span");
+    assert_eq!(exporter_of(&collector, &server), "host-a");
+    assert_eq!(exporter_of(&collector, &process), "host-b");
+
+    assert_eq!(
+        attribute(&publish, "messaging.message.id"),
+        Some(id.clone())
+    );
+    assert_eq!(attribute(&process, "messaging.message.id"), Some(id));
+    assert_eq!(
+        attribute(&process, "messaging.destination.name").as_deref(),
+        Some("jobs")
+    );
+    assert_eq!(
+        attribute(&process, "wasmproc.attempt").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        attribute(&process, "wasmproc.outcome").as_deref(),
+        Some("handled")
+    );
+    assert_eq!(attribute(&process, "instance").as_deref(), Some("jobs.1"));
+}
+
+#[test]
+fn a_clock_tick_starts_a_trace_that_its_messages_carry_to_the_worker() {
+    let collector = Recorder::start();
+    let _host = traced(
+        r#"
+[process.tick]
+kind = "clock"
+component = "{testclock}"
+schedule = "* * * * * *"
+env = { ENQUEUE = "jobs" }
+enqueue = ["jobs"]
+
+[process.jobs]
+kind = "worker"
+component = "{testworker}"
+queue = "jobs"
+retry = { attempts = 2, backoff = "10ms..10ms" }
+"#,
+        &collector,
+    );
+    let tick = wait_for_span(&collector, "clock.tick", |s| s.name == "tick tick");
+    assert!(tick.parent_span_id.is_empty(), "a root span: {tick:?}");
+    assert_eq!(attribute(&tick, "process").as_deref(), Some("tick"));
+    assert_eq!(
+        attribute(&tick, "wasmproc.outcome").as_deref(),
+        Some("done")
+    );
+    let process = wait_for_span(&collector, "its message's delivery", |s| {
+        s.name == "process jobs" && s.trace_id == tick.trace_id
+    });
+    let publish = spans(&collector)
+        .into_iter()
+        .find(|s| s.span_id == process.parent_span_id)
+        .unwrap();
+    assert_eq!(publish.name, "send jobs");
+    assert_eq!(publish.parent_span_id, tick.span_id);
 }

@@ -20,12 +20,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::bindings::clock::exports::wasmproc::host::scheduled::Tick;
 use crate::bindings::clock::{Clock, ClockPre};
 use crate::formation::ClockRole;
 use crate::pool::{Failure, Lease, Pool};
 use crate::queue::Backend;
+use crate::telemetry;
 
 /// The world clock components target: `wasmproc:host/clock`.
 pub struct ClockWorld;
@@ -121,26 +123,54 @@ pub async fn schedule(
             }
         }
         let schedule = process.name.clone();
-        tokio::spawn(async move {
-            let instance = lease.instance().clone();
-            let tick = Tick {
-                schedule,
-                scheduled_at_ms,
-            };
-            tracing::info!(instance = %instance, scheduled = %next.to_rfc3339(), "tick");
-            match run_tick(&mut lease, &tick).await {
-                Ticked::Done => {}
-                Ticked::Errored(message) => {
-                    tracing::warn!(instance = %instance, "tick returned an error: {message}")
+        let span = if telemetry::enabled() {
+            tracing::info_span!(
+                "clock.tick",
+                otel.name = format!("tick {}", process.name),
+                process = %process.name,
+                instance = %lease.instance(),
+                wasmproc.scheduled = %next.to_rfc3339(),
+                wasmproc.outcome = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        tokio::spawn(
+            async move {
+                let instance = lease.instance().clone();
+                let tick = Tick {
+                    schedule,
+                    scheduled_at_ms,
+                };
+                tracing::info!(instance = %instance, scheduled = %next.to_rfc3339(), "tick");
+                let ticked = run_tick(&mut lease, &tick).await;
+                let span = tracing::Span::current();
+                match &ticked {
+                    Ticked::Done => {
+                        span.record("wasmproc.outcome", "done");
+                    }
+                    Ticked::Errored(message) => {
+                        span.record("wasmproc.outcome", "error");
+                        span.record("otel.status_code", "ERROR");
+                        tracing::warn!(instance = %instance, "tick returned an error: {message}")
+                    }
+                    Ticked::Failed(failure) => {
+                        span.record("wasmproc.outcome", "failed");
+                        span.record("error.type", failure.reason());
+                        span.record("otel.status_code", "ERROR");
+                        tracing::warn!(
+                            instance = %instance,
+                            reason = failure.reason(),
+                            "tick failed ({}); instance discarded",
+                            failure.reason()
+                        )
+                    }
                 }
-                Ticked::Failed(failure) => tracing::warn!(
-                    instance = %instance,
-                    reason = failure.reason(),
-                    "tick failed ({}); instance discarded",
-                    failure.reason()
-                ),
             }
-        });
+            .instrument(span),
+        );
     }
 }
 

@@ -154,10 +154,10 @@ impl Injector for IntoHeaders<'_> {
     }
 }
 
-/// Reads and writes a trace context in a message's name/value headers.
-struct Pairs<'a>(&'a mut Vec<(String, String)>);
+/// Reads a trace context from a message's name/value headers.
+struct FromPairs<'a>(&'a [(String, String)]);
 
-impl Extractor for Pairs<'_> {
+impl Extractor for FromPairs<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -170,7 +170,11 @@ impl Extractor for Pairs<'_> {
     }
 }
 
-impl Injector for Pairs<'_> {
+/// Writes a trace context into a message's headers, replacing any the
+/// producer set.
+struct IntoPairs<'a>(&'a mut Vec<(String, String)>);
+
+impl Injector for IntoPairs<'_> {
     fn set(&mut self, key: &str, value: String) {
         self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
         self.0.push((key.to_string(), value));
@@ -187,11 +191,11 @@ pub fn follow_headers(span: &tracing::Span, headers: &http::HeaderMap) {
 }
 
 /// Makes `span` a child of the trace context in a message's `headers`.
-pub fn follow_pairs(span: &tracing::Span, headers: &mut Vec<(String, String)>) {
+pub fn follow_pairs(span: &tracing::Span, headers: &[(String, String)]) {
     if !enabled() {
         return;
     }
-    let parent = TraceContextPropagator::new().extract(&Pairs(headers));
+    let parent = TraceContextPropagator::new().extract(&FromPairs(headers));
     let _ = span.set_parent(parent);
 }
 
@@ -208,5 +212,5 @@ pub fn stamp_pairs(span: &tracing::Span, headers: &mut Vec<(String, String)>) {
     if !enabled() {
         return;
     }
-    TraceContextPropagator::new().inject_context(&span.context(), &mut Pairs(headers));
+    TraceContextPropagator::new().inject_context(&span.context(), &mut IntoPairs(headers));
 }

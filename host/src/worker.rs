@@ -25,12 +25,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::bindings::worker::exports::wasmproc::host::handler::{self, Outcome};
 use crate::bindings::worker::{Worker, WorkerPre};
 use crate::formation::{RetryPolicy, WorkerRole};
 use crate::pool::{Failure, Lease, Pool};
 use crate::queue::{Backend, Delivery, Queues};
+use crate::telemetry;
 
 /// The world worker components target: `wasmproc:host/worker`.
 pub struct WorkerWorld;
@@ -106,7 +108,14 @@ pub async fn consume(
             };
             let pool = pool.clone();
             let queues = queues.clone();
-            tokio::spawn(async move { run(&pool, &queues, lease, delivery).await });
+            if telemetry::enabled() {
+                let span = delivery_span(&pool, &lease, &delivery);
+                tokio::spawn(
+                    async move { run(&pool, &queues, lease, delivery).await }.instrument(span),
+                );
+            } else {
+                tokio::spawn(async move { run(&pool, &queues, lease, delivery).await });
+            }
         }
         for delivery in stale.drain(..) {
             release(&backend, &delivery, "waited a timeout since it was leased").await;
@@ -276,6 +285,32 @@ fn verdict(
     }
 }
 
+/// A consumer span for one delivery, the child of the span that enqueued
+/// the message (its context travels in the message's headers).
+fn delivery_span(
+    pool: &Pool<WorkerWorld>,
+    lease: &Lease<WorkerWorld>,
+    delivery: &Delivery,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "queue.process",
+        otel.name = format!("process {}", delivery.queue),
+        otel.kind = "consumer",
+        messaging.system = "wasmproc",
+        messaging.operation.type = "process",
+        messaging.destination.name = %delivery.queue,
+        messaging.message.id = %delivery.id,
+        wasmproc.attempt = delivery.attempt,
+        process = %pool.process().name,
+        instance = %lease.instance(),
+        wasmproc.outcome = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    telemetry::follow_pairs(&span, &delivery.headers);
+    span
+}
+
 /// Runs one delivery and settles it.
 async fn run(
     pool: &Pool<WorkerWorld>,
@@ -321,6 +356,16 @@ async fn run(
         Verdict::DeadLetter(reason) => backend.dead_letter(&delivery, reason).await,
     };
     let failed = outcome.as_ref().err().map(Failure::reason);
+    if telemetry::enabled() {
+        let span = tracing::Span::current();
+        span.record("wasmproc.outcome", verdict.word());
+        if let Some(reason) = failed {
+            span.record("error.type", reason);
+        }
+        if failed.is_some() || matches!(verdict, Verdict::DeadLetter(_)) {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
     if let Err(e) = settled {
         tracing::error!(
             instance = %instance, queue = %delivery.queue, message.id = %delivery.id,

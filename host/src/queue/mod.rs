@@ -34,10 +34,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tracing::Instrument as _;
+
 pub use embedded::Embedded;
 pub use redis::Redis;
 
 use crate::formation::{Formation, QueueBackend};
+use crate::telemetry;
 
 /// A message to enqueue.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -318,7 +321,40 @@ impl Queues {
         {
             return Err(QueueError::InvalidKey(key.len()));
         }
+        if telemetry::enabled() {
+            return self.traced(queue, message).await;
+        }
         self.backend.enqueue(queue, message).await
+    }
+
+    /// Enqueues in a producer span whose context the message carries in its
+    /// headers, so the delivery joins the trace of whatever enqueued it.
+    async fn traced(&self, queue: &str, mut message: NewMessage) -> Result<Enqueued, QueueError> {
+        let span = tracing::info_span!(
+            "queue.publish",
+            otel.name = format!("send {queue}"),
+            otel.kind = "producer",
+            messaging.system = "wasmproc",
+            messaging.operation.type = "send",
+            messaging.destination.name = queue,
+            messaging.message.id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        telemetry::stamp_pairs(&span, &mut message.headers);
+        let enqueued = self
+            .backend
+            .enqueue(queue, message)
+            .instrument(span.clone())
+            .await;
+        match &enqueued {
+            Ok(enqueued) => span.record("messaging.message.id", enqueued.id.as_str()),
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", e.to_string())
+            }
+        };
+        enqueued
     }
 }
 

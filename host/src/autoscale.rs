@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::control::Control;
+use crate::control::{Control, Decision};
 use crate::formation::Role;
 
 /// How often load is sampled.
@@ -116,13 +116,26 @@ pub async fn run(control: Arc<Control>, mut shutdown: watch::Receiver<bool>) {
 }
 
 fn decide(control: &Control, name: &str, old: u32, new: u32, signal: &str, direction: &str) {
-    match control.scale(name, new) {
-        Ok(_) => tracing::info!(
-            process = name,
-            old,
-            new,
-            "autoscale `{name}` {direction} from {old} to {new} ({signal})"
-        ),
-        Err(e) => tracing::warn!(process = name, "autoscale `{name}` to {new} refused: {e}"),
-    }
+    let why = match control.scale(name, new) {
+        Ok(_) => {
+            tracing::info!(
+                process = name,
+                old,
+                new,
+                "autoscale `{name}` {direction} from {old} to {new} ({signal})"
+            );
+            signal.to_string()
+        }
+        Err(e) => {
+            tracing::warn!(process = name, "autoscale `{name}` to {new} refused: {e}");
+            format!("{signal}; refused: {e}")
+        }
+    };
+    control.record_decision(Decision {
+        at_ms: crate::queue::now_ms(),
+        process: name.to_string(),
+        from: old,
+        to: new,
+        why,
+    });
 }

@@ -144,6 +144,16 @@ impl AdminClient {
         self.call(Method::GET, "/ps", Vec::new(), &[]).await
     }
 
+    /// `POST /ui/link`: a fresh one-time login link to the dashboard.
+    pub async fn dashboard_link(&self) -> anyhow::Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Link {
+            url: String,
+        }
+        let link: Link = self.call(Method::POST, "/ui/link", Vec::new(), &[]).await?;
+        Ok(link.url)
+    }
+
     /// `POST /scale`: applies `changes` (`web=3 mailer+1`), all or none;
     /// returns the new scale of each type named.
     pub async fn scale(&self, changes: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {

@@ -13,7 +13,7 @@
 //!   compile or lacks its kind's export is refused and the old one keeps
 //!   serving.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -176,6 +176,26 @@ pub struct Control {
     ready: AtomicBool,
     rates: BTreeMap<String, (AtomicU64, AtomicU64)>,
     file: Mutex<FileState>,
+    /// The last autoscale decisions, oldest first.
+    decisions: Mutex<VecDeque<Decision>>,
+}
+
+/// Autoscale decisions the host remembers for the dashboard.
+const DECISIONS: usize = 50;
+
+/// An autoscale decision, as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The process type.
+    pub process: String,
+    /// The scale before.
+    pub from: u32,
+    /// The scale asked for.
+    pub to: u32,
+    /// The signal that asked for it, and the outcome when it was refused.
+    pub why: String,
 }
 
 impl Control {
@@ -222,7 +242,23 @@ impl Control {
             ready: AtomicBool::new(false),
             rates,
             file: Mutex::new(file),
+            decisions: Mutex::default(),
         }
+    }
+
+    /// Remembers an autoscale decision.
+    pub fn record_decision(&self, decision: Decision) {
+        let mut decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+        if decisions.len() == DECISIONS {
+            decisions.pop_front();
+        }
+        decisions.push_back(decision);
+    }
+
+    /// The last autoscale decisions, oldest first.
+    pub fn decisions(&self) -> Vec<Decision> {
+        let decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+        decisions.iter().cloned().collect()
     }
 
     /// The pools, by process type name.

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a one-time link that opens a running host's dashboard.
+    Ui {
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Change the scale of process types: `web=16`, `web+2`, `mailer-1`.
     Scale {
         #[command(flatten)]
@@ -239,6 +244,12 @@ fn execute(command: Command) -> anyhow::Result<()> {
             } else {
                 print!("{}", client::ps_table(&rows));
             }
+            Ok(())
+        }),
+        Command::Ui { host } => runtime()?.block_on(async {
+            let link = host.client()?.dashboard_link().await?;
+            println!("{link}");
+            eprintln!("(works once, within 15 minutes)");
             Ok(())
         }),
         Command::Scale { host, changes } => runtime()?.block_on(async {

@@ -318,16 +318,19 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
     };
     let control = Arc::new(Control::new(&prepared, &formation, cache, &backing));
     let mut tasks = tokio::task::JoinSet::new();
-    let keys = admin::Keys::generate(formation.admin.token.as_deref())?;
+    let keys = Arc::new(admin::Keys::generate(formation.admin.token.as_deref())?);
     let admin_files = AdminFiles::write(&formation.dir, admin_addr, keys.per_start());
     tasks.spawn(admin::serve(
         admin_listener,
         control.clone(),
-        keys,
+        keys.clone(),
+        formation.path.display().to_string(),
         until_stopped(stopped.clone()),
     ));
     tasks.spawn(autoscale::run(control.clone(), stopped.clone()));
     tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
+    let link = admin::ui::login_link(&keys, admin_addr)?;
+    tracing::info!("dashboard: {link} (a one-time link; `wasmproc ui` prints another)");
 
     for pool in &prepared.pools {
         let p = pool.erased();

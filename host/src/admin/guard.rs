@@ -1,27 +1,51 @@
-//! Who may drive the admin API: the operator's CLI and tools, never a guest
-//! and never a web page in the operator's browser.
+//! Who may drive the admin API: the operator's CLI and tools, and the
+//! operator's browser on the dashboard — never a guest, and never another
+//! web page in the operator's browser.
 //!
 //! Invariants (every route but the probes `/healthz` and `/readyz`):
-//! - a request must carry a bearer token the host accepts: the one it
-//!   generated at start (32 random bytes, written `0600` to
-//!   `.wasmproc/admin.token` beside `admin.addr`, where the CLI reads it), or
-//!   the operator's token from `[admin] token_env`; tokens are compared in
-//!   constant time, after trimming white space on both sides the same way;
-//! - a request a browser sends on behalf of a page is refused: one with an
-//!   `Origin` header, or a `Sec-Fetch-Site` other than `none` (a URL the
-//!   operator typed) — so a page can neither drive the API with a simple
-//!   form post nor with a DNS-rebinding trick;
-//! - on a loopback listener the `Host` must be an IP address or `localhost`:
-//!   a rebinding page's requests name its own domain.
+//! - on a loopback listener the `Host` must be an IP address or
+//!   `localhost`: a DNS-rebinding page's requests name its own domain;
+//! - a request with a bearer token must carry one the host accepts: the
+//!   one it generated at start (32 random bytes, written `0600` to
+//!   `.wasmproc/admin.token` beside `admin.addr`, where the CLI reads it),
+//!   or the operator's token from `[admin] token_env`; tokens are compared
+//!   in constant time, after trimming white space on both sides the same
+//!   way. Such a request is refused when a browser sent it for a page (an
+//!   `Origin` header, or a `Sec-Fetch-Site` other than `none`);
+//! - the dashboard's requests carry no token but a session cookie instead
+//!   (`HttpOnly`, `SameSite=Strict`, named after the admin port). A
+//!   session is made only by a one-time login code (16 random bytes, for
+//!   15 minutes, used once) that the host prints at start or gives the
+//!   CLI (`wasmproc ui`), and is accepted only from the dashboard's own
+//!   origin: `Sec-Fetch-Site` `same-origin` (or `none`, for a page the
+//!   operator opened, on `GET`), and an `Origin`, when present, equal to
+//!   the admin API's own — required on every other method. A page on
+//!   another site can neither send the cookie (`SameSite=Strict`) nor pass
+//!   for the dashboard;
+//! - the HTTP front removes the dashboard's cookie from requests before a
+//!   guest sees them (cookies are shared by every port of a host name).
 //!
 //! A per-start token in a file also means a stale `admin.addr` (the host
 //! died, another process took the port) only ever receives the dead
 //! host's token, never a secret meant for another process.
 
 use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, Method, header};
 use subtle::ConstantTimeEq as _;
+
+/// The prefix of the dashboard's cookie name; the admin port follows it.
+pub const COOKIE_PREFIX: &str = "wasmproc_ui_";
+/// How long a login code may wait to be used.
+const CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// How long a dashboard session lasts.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
+/// Login codes waiting at once; the oldest goes first.
+const MAX_CODES: usize = 16;
+/// Dashboard sessions at once; the oldest goes first.
+const MAX_SESSIONS: usize = 32;
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +56,17 @@ pub enum Refusal {
     Browser,
     /// The `Host` names a domain on a loopback listener: 403.
     Host,
+    /// A dashboard session's request did not come from the dashboard: 403.
+    Origin,
+}
+
+/// Who a request that passed [`Keys::check`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A bearer token's holder: the CLI, a script.
+    Operator,
+    /// The dashboard, in the operator's browser.
+    Dashboard,
 }
 
 impl Refusal {
@@ -41,27 +76,91 @@ impl Refusal {
             Refusal::Token => "missing or wrong bearer token",
             Refusal::Browser => "requests from web pages are refused",
             Refusal::Host => "the Host header must be the admin API's IP address or localhost",
+            Refusal::Origin => "a dashboard request must come from the dashboard itself",
         }
     }
 }
 
-/// The tokens the admin API accepts.
+/// The tokens the admin API accepts, and the dashboard's sessions.
 pub struct Keys {
     per_start: String,
     operator: Option<String>,
+    /// Login codes not yet used, with when they expire.
+    codes: Mutex<Vec<(String, Instant)>>,
+    /// Dashboard sessions, with when they expire.
+    sessions: Mutex<Vec<(String, Instant)>>,
+}
+
+/// `n` random bytes, in hex.
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("cannot generate a secret: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Takes `given` out of `entries` if it is there and has not expired,
+/// comparing every live entry in constant time; drops expired ones.
+fn take(entries: &Mutex<Vec<(String, Instant)>>, given: &str, consume: bool) -> bool {
+    let now = Instant::now();
+    let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
+    entries.retain(|(_, expires)| *expires > now);
+    let mut found = None;
+    for (i, (secret, _)) in entries.iter().enumerate() {
+        if bool::from(secret.as_bytes().ct_eq(given.as_bytes())) {
+            found = Some(i);
+        }
+    }
+    match found {
+        Some(i) => {
+            if consume {
+                entries.remove(i);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Adds a fresh secret of `n` bytes to `entries`, valid for `lifetime`.
+fn add(
+    entries: &Mutex<Vec<(String, Instant)>>,
+    n: usize,
+    lifetime: Duration,
+    max: usize,
+) -> anyhow::Result<String> {
+    let secret = random_hex(n)?;
+    let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    entries.retain(|(_, expires)| *expires > now);
+    if entries.len() >= max {
+        entries.remove(0);
+    }
+    entries.push((secret.clone(), now + lifetime));
+    Ok(secret)
 }
 
 impl Keys {
     /// A fresh per-start token, and `operator`'s if the formation names one.
     pub fn generate(operator: Option<&str>) -> anyhow::Result<Keys> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| anyhow::anyhow!("cannot generate the admin token: {e}"))?;
-        let per_start = bytes.iter().map(|b| format!("{b:02x}")).collect();
         Ok(Keys {
-            per_start,
+            per_start: random_hex(32)?,
             operator: operator.map(|t| t.trim().to_string()),
+            codes: Mutex::default(),
+            sessions: Mutex::default(),
         })
+    }
+
+    /// A fresh one-time login code for the dashboard.
+    pub fn login_code(&self) -> anyhow::Result<String> {
+        add(&self.codes, 16, CODE_LIFETIME, MAX_CODES)
+    }
+
+    /// Uses up `code`: a new session id if it was a live login code.
+    pub fn log_in(&self, code: &str) -> anyhow::Result<Option<String>> {
+        if !take(&self.codes, code.trim(), true) {
+            return Ok(None);
+        }
+        add(&self.sessions, 32, SESSION_LIFETIME, MAX_SESSIONS).map(Some)
     }
 
     /// The token generated at start, for the token file.
@@ -79,31 +178,90 @@ impl Keys {
     }
 
     /// Checks a request to a route that needs authority; `loopback` says
-    /// whether the listener is on a loopback address.
-    pub fn check(&self, headers: &HeaderMap, loopback: bool) -> Result<(), Refusal> {
-        let from_page = headers.contains_key(header::ORIGIN)
-            || headers
-                .get("sec-fetch-site")
-                .is_some_and(|site| site.as_bytes() != b"none");
-        if from_page {
-            return Err(Refusal::Browser);
-        }
-        if loopback
-            && !headers
-                .get(header::HOST)
-                .is_some_and(|h| local_host(h.as_bytes()))
-        {
+    /// whether the listener is on a loopback address, `port` is its port
+    /// (which names the dashboard's cookie).
+    pub fn check(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        loopback: bool,
+        port: u16,
+    ) -> Result<Caller, Refusal> {
+        if !local_request(headers, loopback) {
             return Err(Refusal::Host);
         }
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(given) if self.accepts(given) => Ok(()),
-            _ => Err(Refusal::Token),
+        let host = headers.get(header::HOST);
+        let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+        let origin = headers.get(header::ORIGIN);
+        if let Some(given) = headers.get(header::AUTHORIZATION) {
+            if origin.is_some() || site.is_some_and(|site| site != b"none") {
+                return Err(Refusal::Browser);
+            }
+            let given = given.to_str().ok().and_then(|v| v.strip_prefix("Bearer "));
+            return match given {
+                Some(given) if self.accepts(given) => Ok(Caller::Operator),
+                _ => Err(Refusal::Token),
+            };
+        }
+        let own = |origin: &http::HeaderValue| {
+            host.is_some_and(|host| {
+                origin.as_bytes().strip_prefix(b"http://") == Some(host.as_bytes())
+            })
+        };
+        let session = cookie(headers, &cookie_name(port));
+        if !session.is_some_and(|session| take(&self.sessions, session, false)) {
+            // Another site's page gets told so; anyone else needs a token.
+            let foreign = origin.is_some_and(|o| !own(o))
+                || site.is_some_and(|site| site != b"none" && site != b"same-origin");
+            return Err(if foreign {
+                Refusal::Browser
+            } else {
+                Refusal::Token
+            });
+        }
+        let reading = matches!(*method, Method::GET | Method::HEAD);
+        let site_ok = match site {
+            None => true,
+            Some(b"same-origin") => true,
+            Some(b"none") => reading,
+            Some(_) => false,
+        };
+        let origin_ok = match origin {
+            Some(origin) => own(origin),
+            None => reading,
+        };
+        if site_ok && origin_ok {
+            Ok(Caller::Dashboard)
+        } else {
+            Err(Refusal::Origin)
         }
     }
+}
+
+/// Whether a request may be for this listener: on loopback, its `Host`
+/// must be an IP address or `localhost`.
+pub fn local_request(headers: &HeaderMap, loopback: bool) -> bool {
+    !loopback
+        || headers
+            .get(header::HOST)
+            .is_some_and(|h| local_host(h.as_bytes()))
+}
+
+/// The dashboard cookie's name on the admin listener at `port`.
+pub fn cookie_name(port: u16) -> String {
+    format!("{COOKIE_PREFIX}{port}")
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 /// Whether a `Host` header names an IP address or `localhost` (with or
@@ -139,15 +297,16 @@ mod tests {
     fn tokens_pages_and_hosts() {
         let keys = Keys::generate(Some(" s3cret \n")).unwrap();
         let bearer = format!("Bearer {}", keys.per_start());
-        let ok = |pairs: &[(&'static str, &str)]| keys.check(&headers(pairs), true);
+        let ok =
+            |pairs: &[(&'static str, &str)]| keys.check(&Method::POST, &headers(pairs), true, 9);
         assert_eq!(ok(&[("host", "127.0.0.1:9")]), Err(Refusal::Token));
         assert_eq!(
             ok(&[("host", "127.0.0.1:9"), ("authorization", &bearer)]),
-            Ok(())
+            Ok(Caller::Operator)
         );
         assert_eq!(
             ok(&[("host", "localhost:9"), ("authorization", "Bearer s3cret")]),
-            Ok(())
+            Ok(Caller::Operator)
         );
         assert_eq!(
             ok(&[("host", "[::1]:9"), ("authorization", "Bearer wrong")]),
@@ -177,10 +336,57 @@ mod tests {
         // Off loopback the host is not checked (a token is required there).
         assert_eq!(
             keys.check(
+                &Method::GET,
                 &headers(&[("host", "admin.example"), ("authorization", &bearer)]),
-                false
+                false,
+                9
             ),
-            Ok(())
+            Ok(Caller::Operator)
+        );
+    }
+
+    #[test]
+    fn a_login_code_makes_one_session_for_the_dashboards_own_requests() {
+        let keys = Keys::generate(None).unwrap();
+        let code = keys.login_code().unwrap();
+        assert_eq!(keys.log_in("not-the-code").unwrap(), None);
+        let session = keys.log_in(&code).unwrap().unwrap();
+        assert_eq!(keys.log_in(&code).unwrap(), None, "a code works once");
+        let cookie = format!("theme=dark; wasmproc_ui_9={session}");
+        let check = |method: Method, pairs: &[(&'static str, &str)]| {
+            keys.check(&method, &headers(pairs), true, 9)
+        };
+        let own = [
+            ("host", "127.0.0.1:9"),
+            ("cookie", cookie.as_str()),
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "http://127.0.0.1:9"),
+        ];
+        assert_eq!(check(Method::POST, &own), Ok(Caller::Dashboard));
+        assert_eq!(check(Method::GET, &own[..3]), Ok(Caller::Dashboard));
+        // A POST needs the dashboard's own Origin.
+        assert_eq!(check(Method::POST, &own[..3]), Err(Refusal::Origin));
+        let mut other = own;
+        other[3] = ("origin", "http://127.0.0.1:8080");
+        assert_eq!(check(Method::POST, &other), Err(Refusal::Origin));
+        other = own;
+        other[2] = ("sec-fetch-site", "same-site");
+        assert_eq!(check(Method::POST, &other), Err(Refusal::Origin));
+        // The cookie of another admin port, or a made-up session.
+        let elsewhere = format!("wasmproc_ui_10={session}");
+        assert_eq!(
+            check(
+                Method::GET,
+                &[("host", "127.0.0.1:9"), ("cookie", &elsewhere)]
+            ),
+            Err(Refusal::Token)
+        );
+        assert_eq!(
+            check(
+                Method::GET,
+                &[("host", "127.0.0.1:9"), ("cookie", "wasmproc_ui_9=00")]
+            ),
+            Err(Refusal::Token)
         );
     }
 }

@@ -288,7 +288,7 @@ async fn host(
     if let Some(failure) = failure {
         let lost = std::mem::take(&mut *in_flight.lock().unwrap_or_else(|p| p.into_inner()));
         for started in lost.values() {
-            pool.end_unit(*started, Err(&failure));
+            pool.end_unit(&seats.name, *started, Err(&failure));
         }
         tracing::warn!(
             instance = %seats.name,
@@ -317,7 +317,7 @@ fn fail_queued(
     queue.close();
     while let Ok(job) = queue.try_recv() {
         let started = pool.begin_unit();
-        pool.end_unit(started, Err(&failure));
+        pool.end_unit(&seats.name, started, Err(&failure));
         let _ = job.ended.send(Err(failure.clone()));
     }
     seats.failure.send_replace(Some(failure));
@@ -360,18 +360,18 @@ async fn serve_requests(
                 let ended: oneshot::Sender<Result<(), Failure>> = ended;
                 match outcome {
                     Ended::Request(result) => {
-                        pool.end_unit(started, result.as_ref().map(|_| ()));
+                        pool.end_unit(&seats.name, started, result.as_ref().map(|_| ()));
                         let _ = ended.send(result);
                     }
                     Ended::Late => {
-                        pool.end_unit(started, Err(&Failure::Timeout));
+                        pool.end_unit(&seats.name, started, Err(&Failure::Timeout));
                         let _ = ended.send(Err(Failure::Timeout));
                         // Its guest task may still run: no new request here.
                         shared.close(seats);
                     }
                     Ended::Instance(error) => {
                         let failure = accessor.with(|mut access| crate::pool::classify_error(&error, access.data_mut()));
-                        pool.end_unit(started, Err(&failure));
+                        pool.end_unit(&seats.name, started, Err(&failure));
                         let _ = ended.send(Err(failure));
                         return Err(error);
                     }

@@ -246,7 +246,7 @@ impl<W: World> Lease<W> {
                 Ok((live.store, live.exports))
             }
             Err(failure) => {
-                pool.stats.record_failure(&failure);
+                pool.stats.record_failure(self.slot.name(), &failure);
                 pool.supervisor.failed(&pool.process.name);
                 Err(failure)
             }
@@ -640,7 +640,7 @@ impl<W: World> Pool<W> {
         let mut warm = match warm {
             Ok(warm) => warm,
             Err(failure) => {
-                self.end_unit(started, Err(&failure));
+                self.end_unit(slot.name(), started, Err(&failure));
                 return Err(failure);
             }
         };
@@ -658,7 +658,7 @@ impl<W: World> Pool<W> {
 
     /// Counts a unit that ended with `outcome`, and tells the supervisor:
     /// a guest's failure is a step toward a crash loop, a success ends one.
-    pub(crate) fn end_unit(&self, started: Instant, outcome: Result<(), &Failure>) {
+    pub(crate) fn end_unit(&self, instance: &str, started: Instant, outcome: Result<(), &Failure>) {
         self.stats.busy.dec();
         self.stats.latency.observe(started.elapsed().as_secs_f64());
         match outcome {
@@ -667,7 +667,7 @@ impl<W: World> Pool<W> {
                 self.supervisor.succeeded(&self.process.name);
             }
             Err(failure) => {
-                self.stats.record_failure(failure);
+                self.stats.record_failure(instance, failure);
                 if failure.is_guests() {
                     self.supervisor.failed(&self.process.name);
                 }
@@ -684,7 +684,7 @@ impl<W: World> Pool<W> {
         outcome: Result<(), &Failure>,
         started: Instant,
     ) {
-        self.end_unit(started, outcome);
+        self.end_unit(slot.name(), started, outcome);
         if outcome.is_ok() {
             slot.keep(warm, self.process.reuse);
         }

@@ -1,6 +1,9 @@
 //! The metrics of one pool: what `ps`, the autoscaler and `/metrics` read
 //! (where [`crate::metrics`] registers them with a `process` label).
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -42,6 +45,26 @@ pub struct Stats {
     pub dead_lettered: Counter,
     /// Idle instances (set by the sampler).
     pub idle: Gauge,
+    /// The last failed units, newest last, for the dashboard.
+    recent: Arc<Mutex<VecDeque<RecentFailure>>>,
+}
+
+/// Failed units a pool remembers.
+const RECENT_FAILURES: usize = 32;
+/// Bytes of a failure's detail kept (a guest writes it).
+const DETAIL_BYTES: usize = 400;
+
+/// A failed unit, as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RecentFailure {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The instance (`web.3`).
+    pub instance: String,
+    /// The failure's reason (see [`Failure::REASONS`]).
+    pub reason: &'static str,
+    /// What the guest or the host said, cut to a few hundred bytes.
+    pub detail: String,
 }
 
 impl Default for Stats {
@@ -64,16 +87,39 @@ impl Default for Stats {
             queue_age_seconds: Gauge::default(),
             dead_lettered: Counter::default(),
             idle: Gauge::default(),
+            recent: Arc::default(),
         }
     }
 }
 
 impl Stats {
-    /// Counts a failed unit under its reason.
-    pub(crate) fn record_failure(&self, failure: &Failure) {
+    /// Counts a failed unit of `instance` under its reason, and remembers it.
+    pub(crate) fn record_failure(&self, instance: &str, failure: &Failure) {
         self.failed
             .get_or_create(&vec![("reason".to_string(), failure.reason().to_string())])
             .inc();
+        let detail = failure.detail();
+        let mut end = detail.len().min(DETAIL_BYTES);
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        let entry = RecentFailure {
+            at_ms: crate::queue::now_ms(),
+            instance: instance.to_string(),
+            reason: failure.reason(),
+            detail: detail[..end].to_string(),
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_FAILURES {
+            recent.pop_front();
+        }
+        recent.push_back(entry);
+    }
+
+    /// The last failed units, oldest first.
+    pub fn recent_failures(&self) -> Vec<RecentFailure> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// Failed units, all reasons.

@@ -312,6 +312,15 @@ impl Backend for Embedded {
         Ok(out)
     }
 
+    async fn dead_letter_count(&self, queue: &str) -> Result<u64, QueueError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let table = txn.open_table(DEAD).map_err(storage)?;
+        let range = table
+            .range((queue, 0)..=(queue, u64::MAX))
+            .map_err(storage)?;
+        Ok(range.count() as u64)
+    }
+
     async fn replay(&self, queue: &str, ids: &[String]) -> Result<usize, QueueError> {
         let mut moved = 0;
         if ids.is_empty() {

@@ -210,6 +210,8 @@ pub trait Backend: Send + Sync {
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError>;
     /// The dead letters of `queue`, oldest first.
     async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, QueueError>;
+    /// How many dead letters `queue` has.
+    async fn dead_letter_count(&self, queue: &str) -> Result<u64, QueueError>;
     /// Moves dead letters of `queue` back to it, as new first attempts: the
     /// ones named in `ids`, or all when `ids` is empty. Returns how many.
     async fn replay(&self, queue: &str, ids: &[String]) -> Result<usize, QueueError>;
@@ -422,6 +424,9 @@ mod tests {
         }
         async fn dead_letters(&self, _: &str) -> Result<Vec<DeadLetter>, QueueError> {
             Ok(Vec::new())
+        }
+        async fn dead_letter_count(&self, _: &str) -> Result<u64, QueueError> {
+            Ok(0)
         }
         async fn replay(&self, _: &str, _: &[String]) -> Result<usize, QueueError> {
             Ok(0)

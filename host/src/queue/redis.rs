@@ -674,6 +674,14 @@ impl Backend for Redis {
             .collect())
     }
 
+    async fn dead_letter_count(&self, queue: &str) -> Result<u64, QueueError> {
+        redis::cmd("XLEN")
+            .arg(format!("{}:dead", stream(queue)))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
     async fn replay(&self, queue: &str, ids: &[String]) -> Result<usize, QueueError> {
         let key = stream(queue);
         self.ensure_group(&key).await?;

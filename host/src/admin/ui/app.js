@@ -227,25 +227,43 @@ async function replay(queue, ids) {
   if (lastLetters === queue) showLetters(queue);
 }
 
+function queueRow(name) {
+  const replayAll = element("button", { "data-action": "replay-all", onclick: () => replay(name, null) }, "Replay all");
+  return element("tr", { "data-queue": name },
+    element("td", {}, name),
+    element("td", { "data-field": "workers" }),
+    element("td", { class: "num", "data-field": "depth" }),
+    element("td", { class: "num", "data-field": "oldest" }),
+    element("td", { class: "num", "data-field": "dead-letters" }),
+    element("td", {},
+      element("button", { "data-action": "show-letters", onclick: () => showLetters(name) }, "Show"),
+      " ",
+      replayAll));
+}
+
+// Rows are kept and updated in place, so a button under the pointer stays
+// the same button from one snapshot to the next.
 function renderQueues(snapshot) {
   $("#queues-section").hidden = snapshot.queues.length === 0;
   const body = $("#queues tbody");
-  const rows = snapshot.queues.map((q) =>
-    element("tr", { "data-queue": q.name },
-      element("td", {}, q.name),
-      element("td", {}, q.workers.join(", ")),
-      element("td", { class: "num", "data-field": "depth" }, q.depth ?? "–"),
-      element("td", { class: "num", "data-field": "oldest" }, formatAge(q.oldest_seconds)),
-      element("td", { class: "num", "data-field": "dead-letters" }, q.dead_letters ?? "–"),
-      element("td", {},
-        element("button", { "data-action": "show-letters", onclick: () => showLetters(q.name) }, "Show"),
-        " ",
-        element("button", {
-          "data-action": "replay-all",
-          onclick: () => replay(q.name, null),
-          ...(q.dead_letters ? {} : { disabled: "" }),
-        }, "Replay all"))));
-  body.replaceChildren(...rows);
+  const seen = new Set();
+  for (const q of snapshot.queues) {
+    seen.add(q.name);
+    let row = body.querySelector(`[data-queue="${CSS.escape(q.name)}"]`);
+    if (!row) {
+      row = queueRow(q.name);
+      body.append(row);
+    }
+    const set = (field, text) => ($(`[data-field="${field}"]`, row).textContent = text);
+    set("workers", q.workers.join(", "));
+    set("depth", q.depth ?? "–");
+    set("oldest", formatAge(q.oldest_seconds));
+    set("dead-letters", q.dead_letters ?? "–");
+    $('[data-action="replay-all"]', row).disabled = !q.dead_letters;
+  }
+  for (const row of body.querySelectorAll("[data-queue]")) {
+    if (!seen.has(row.dataset.queue)) row.remove();
+  }
 }
 
 function renderEvents(selector, events, line) {

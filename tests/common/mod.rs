@@ -442,6 +442,43 @@ impl Host {
     }
 }
 
+/// Runs `examples/NAME/build.sh` once per test binary (a build script
+/// leaves an up-to-date component alone, so later binaries pay little) and
+/// returns the example's folder.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let folder = root().join("examples").join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let status = Command::new(folder.join("build.sh"))
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("run the example's build.sh");
+        assert!(status.success(), "building examples/{name} failed");
+        built.push(name.to_string());
+    }
+    folder
+}
+
+impl Host {
+    /// Runs the formation file of `examples/NAME` (built first, see
+    /// [`example`]) as it is, with `PORT=0`: a copy of it in a fresh folder,
+    /// beside a link to the example's `build/` folder, so its relative paths
+    /// hold and its queue and admin files stay out of the source tree.
+    pub fn start_example(name: &str, env: &[(&str, &str)]) -> Host {
+        let folder = example(name);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("formation.toml");
+        std::fs::copy(folder.join("formation.toml"), &path).unwrap();
+        std::os::unix::fs::symlink(folder.join("build"), dir.path().join("build")).unwrap();
+        let mut env = env.to_vec();
+        env.push(("PORT", "0"));
+        Self::spawn(dir, &path, &shared_cache(), &env)
+    }
+}
+
 impl Host {
     /// The process id of the running host.
     pub fn pid(&self) -> u32 {

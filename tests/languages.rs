@@ -1,0 +1,203 @@
+//! End-to-end tests of guests written in JavaScript and Python: the
+//! examples in `examples/javascript` and `examples/python`, built from npm
+//! and PyPI by their formation's `build` command, run by the real binary.
+//! Each example is built once per test binary (`common::example`).
+
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use common::{Host, wasmproc};
+
+/// A MiB of bytes that are not all alike, so an echo that dropped or
+/// reordered a chunk would show.
+fn mebibyte() -> Vec<u8> {
+    (0..1 << 20).map(|i: u32| b'a' + (i % 23) as u8).collect()
+}
+
+/// GET `/`, a 1 MiB echo and `/env` (the formation's `env` and `config`).
+fn serves_get_echo_and_env(host: &Host, greeting: &str) {
+    let hello = host.get("/");
+    assert_eq!((hello.status, hello.body.as_str()), (200, greeting));
+    let body = mebibyte();
+    let echo = host.request("POST", "/echo", None, Some(&body));
+    assert_eq!(echo.status, 200);
+    assert!(
+        echo.body.as_bytes() == body.as_slice(),
+        "the echo differs: {} bytes back",
+        echo.body.len()
+    );
+    let env = host.get("/env");
+    assert_eq!(
+        (env.status, env.body.as_str()),
+        (200, "Hello, from the formation's config\n")
+    );
+}
+
+#[test]
+fn the_javascript_example_serves_get_a_1_mib_echo_and_its_env_and_config() {
+    let host = Host::start_example("javascript", &[]);
+    serves_get_echo_and_env(&host, "Hello from JavaScript\n");
+}
+
+#[test]
+fn the_python_example_serves_and_its_worker_gets_what_the_web_type_enqueued() {
+    let mut host = Host::start_example("python", &[]);
+    serves_get_echo_and_env(&host, "Hello from Python\n");
+    let enqueued = host.request("POST", "/jobs", None, Some(b"resize cat.png"));
+    assert_eq!(enqueued.status, 202, "{enqueued:?}");
+    let id = enqueued.body.trim().strip_prefix("enqueued ").unwrap();
+    let line = host.wait_for_log(&format!("job {id} (attempt 1) from `jobs`: resize cat.png"));
+    assert!(line.contains("instance=worker."), "{line}");
+}
+
+/// A formation serving the JavaScript example's component with `reuse`.
+fn javascript_with_reuse(reuse: u32) -> String {
+    let component = common::example("javascript").join("build/web.wasm");
+    format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\n[process.web]\nkind = \"web\"\ncomponent = \"{}\"\nscale = 2\nreuse = {reuse}\nlimits = {{ memory = \"64MiB\" }}\n",
+        component.display()
+    )
+}
+
+#[test]
+fn a_fetch_event_guest_given_reuse_retires_each_instance_after_one_request() {
+    let mut host = Host::start(&javascript_with_reuse(8));
+    let warning = host.wait_for_log("is a componentize-js fetch-event guest");
+    assert!(
+        warning.contains("each instance is retired after its first request")
+            && warning.contains("`reuse = 8` is treated as 1"),
+        "{warning}"
+    );
+    let failed: Vec<_> = (0..200)
+        .map(|_| host.get("/"))
+        .filter(|reply| (reply.status, reply.body.as_str()) != (200, "Hello from JavaScript\n"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(host.count("instance discarded"), 0);
+
+    // `check` says so too, without serving.
+    let out = wasmproc()
+        .args(["check", "--cache-dir"])
+        .arg(common::shared_cache())
+        .arg(host.dir().join("formation.toml"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(said.contains("`reuse = 8` is treated as 1"), "{said}");
+}
+
+#[test]
+fn a_memory_limit_below_the_components_initial_memory_is_refused_at_limits_memory() {
+    let component = common::example("python").join("build/web.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("formation.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[process.web]\nkind = \"web\"\ncomponent = \"{}\"\nlimits = {{ timeout = \"5s\", memory = \"8MiB\" }}\n",
+            component.display()
+        ),
+    )
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = wasmproc()
+        .args(["check", "--cache-dir"])
+        .arg(cache.path())
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("`limits.memory` is 8 MiB, but `"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let line = "limits = { timeout = \"5s\", memory = \"8MiB\" }";
+    let column = line.find("\"8MiB\"").unwrap() + 1;
+    assert!(
+        lines[at].contains(&format!("formation.toml:4:{column}: "))
+            && lines[at].contains(" MiB of linear memory: expected more than "),
+        "{stderr}"
+    );
+    // The caret stands under the value of `memory`.
+    assert_eq!(
+        lines[at + 3],
+        format!("  | {}{}", " ".repeat(column - 1), "^".repeat(6)),
+        "{stderr}"
+    );
+    // Refused from the binary: nothing compiled, no cache entry.
+    assert!(
+        !stdout.contains("compil") && !stderr.contains("compil"),
+        "{stdout}{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_cold_start_compiles_every_type_at_once_and_says_how_big_and_how_long() {
+    let cache = tempfile::tempdir().unwrap();
+    let folder = common::example("python");
+    let out = wasmproc()
+        .args(["check", "--cache-dir"])
+        .arg(cache.path())
+        .arg(folder.join("formation.toml"))
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let position = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{log}"))
+    };
+    for name in ["web", "worker"] {
+        let started = position(&format!("compiling `{name}` ("));
+        assert!(
+            lines[started].contains(" MiB): not in the compile cache"),
+            "{}",
+            lines[started]
+        );
+    }
+    // Both started before either was done: they compile in parallel.
+    let last_start = position("compiling `web` (").max(position("compiling `worker` ("));
+    let first_done = position("`web` compiled in ").min(position("`worker` compiled in "));
+    assert!(last_start < first_done, "{log}");
+    assert!(log.contains(": ok: "), "{log}");
+}
+
+#[test]
+fn the_language_examples_build_and_check() {
+    for example in ["javascript", "python"] {
+        let out = wasmproc()
+            .args(["check", "--build", "--cache-dir"])
+            .arg(common::shared_cache())
+            .arg(common::example(example).join("formation.toml"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{example}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(": ok: "), "{example}: {stdout}");
+    }
+}

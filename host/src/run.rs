@@ -405,6 +405,16 @@ pub fn needs_queues(formation: &Formation) -> bool {
 
 /// Serves `formation` until SIGTERM or SIGINT.
 pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()> {
+    serve(formation, cache, false).await
+}
+
+/// Serves `formation` like [`run`], rebuilding and redeploying its types
+/// when their sources change (`wasmproc dev`, see [`crate::dev`]).
+pub async fn dev(formation: Formation, cache: CompileCache) -> anyhow::Result<()> {
+    serve(formation, cache, true).await
+}
+
+async fn serve(formation: Formation, cache: CompileCache, watch: bool) -> anyhow::Result<()> {
     let backing = Backing::open(&formation).await?;
     let queues = backing.queues.clone();
     let prepared = prepare(&formation, &cache, &backing)?;
@@ -445,6 +455,13 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         until_stopped(stopped.clone()),
     ));
     tasks.spawn(autoscale::run(control.clone(), stopped.clone()));
+    if watch {
+        tasks.spawn(crate::dev::watch(
+            control.clone(),
+            formation.clone(),
+            stopped.clone(),
+        ));
+    }
     tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
 
     for pool in &prepared.pools {

@@ -201,3 +201,107 @@ fn the_language_examples_build_and_check() {
         assert!(stdout.contains(": ok: "), "{example}: {stdout}");
     }
 }
+
+/// A copy of `examples/javascript` in a fresh folder laid out like the
+/// repository (beside a link to `wit/`), sharing the example's installed
+/// `node_modules` and its built component, whose sources are made older so
+/// the first build has nothing to do.
+fn javascript_copy() -> (tempfile::TempDir, std::path::PathBuf) {
+    let source = common::example("javascript");
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("examples/javascript");
+    std::fs::create_dir_all(copy.join("wit")).unwrap();
+    std::fs::create_dir_all(copy.join("build")).unwrap();
+    let files = [
+        "formation.toml",
+        "build.sh",
+        "web.js",
+        "package.json",
+        "package-lock.json",
+        "wit/web.wit",
+    ];
+    for file in files {
+        std::fs::copy(source.join(file), copy.join(file)).unwrap();
+    }
+    let aged = std::process::Command::new("touch")
+        .args(["-d", "1 minute ago"])
+        .args(files.map(|f| copy.join(f)))
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    std::fs::copy(source.join("build/web.wasm"), copy.join("build/web.wasm")).unwrap();
+    std::os::unix::fs::symlink(source.join("node_modules"), copy.join("node_modules")).unwrap();
+    std::os::unix::fs::symlink(common::root().join("wit"), tmp.path().join("wit")).unwrap();
+    (tmp, copy)
+}
+
+#[test]
+fn wasmproc_dev_rebuilds_and_swaps_in_an_edit_without_a_failed_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (tmp, copy) = javascript_copy();
+    let mut host = Host::start_dev(tmp, &copy.join("formation.toml"), &[("PORT", "0")]);
+    host.wait_for_log("watching `");
+    assert_eq!(host.get("/").body, "Hello from JavaScript\n");
+
+    // Requests keep coming while the guest is rebuilt and swapped in.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, addr) = (stop.clone(), host.addr.clone());
+        std::thread::spawn(move || {
+            let mut replies = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                replies.push(common::request(&addr, "GET", "/", None, None));
+            }
+            replies
+        })
+    };
+    let source = copy.join("web.js");
+    let edited = std::fs::read_to_string(&source)
+        .unwrap()
+        .replace("Hello from JavaScript", "Hello again from JavaScript");
+    let saved = std::time::Instant::now();
+    std::fs::write(&source, edited).unwrap();
+    // A cold build and compile of a 12 MiB component on a busy machine.
+    let patience = std::time::Duration::from_secs(300);
+    while host.get("/").body != "Hello again from JavaScript\n" {
+        assert!(saved.elapsed() < patience, "{}", host.log().join("\n"));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    println!(
+        "from save to the new answer: {} ms",
+        saved.elapsed().as_millis()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let replies = client.join().unwrap();
+    let failed: Vec<_> = replies
+        .iter()
+        .filter(|r| {
+            r.status != 200
+                || !["Hello from JavaScript\n", "Hello again from JavaScript\n"]
+                    .contains(&r.body.as_str())
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        replies.len()
+    );
+    host.wait_for_log("deployed a new component to `web`");
+
+    // A source that does not build: the compiler's errors are printed, and
+    // the last good component keeps serving.
+    std::fs::write(&source, "addEventListener('fetch', (event) => {\n").unwrap();
+    let line = host.wait_for_log("the build command of `web` failed");
+    assert!(
+        line.contains("the running components keep serving"),
+        "{line}"
+    );
+    host.wait_for_log("failed to parse JS source");
+    let reply = host.get("/");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "Hello again from JavaScript\n")
+    );
+}

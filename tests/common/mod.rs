@@ -115,22 +115,29 @@ impl Host {
             .arg(format!("--nofile={limit}:{limit}"))
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_wasmproc"));
-        Self::spawn_command(command, dir, &path, &shared_cache(), &[])
+        Self::spawn_command(command, "run", dir, &path, &shared_cache(), &[])
     }
 
     fn spawn(dir: tempfile::TempDir, path: &Path, cache: &Path, env: &[(&str, &str)]) -> Host {
-        Self::spawn_command(wasmproc(), dir, path, cache, env)
+        Self::spawn_command(wasmproc(), "run", dir, path, cache, env)
+    }
+
+    /// `wasmproc dev` on the formation at `path` in `dir`, with the shared
+    /// cache and `env`.
+    pub fn start_dev(dir: tempfile::TempDir, path: &Path, env: &[(&str, &str)]) -> Host {
+        Self::spawn_command(wasmproc(), "dev", dir, path, &shared_cache(), env)
     }
 
     fn spawn_command(
         mut command: Command,
+        verb: &str,
         dir: tempfile::TempDir,
         path: &Path,
         cache: &Path,
         env: &[(&str, &str)],
     ) -> Host {
         command
-            .arg("run")
+            .arg(verb)
             .arg("--cache-dir")
             .arg(cache)
             .arg(path)

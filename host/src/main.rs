@@ -41,7 +41,7 @@ enum Command {
     Check(FormationArgs),
     /// Build and serve a formation, then rebuild and redeploy a type
     /// whenever a file in the formation's folder changes.
-    Dev(FormationArgs),
+    Dev(DevArgs),
     /// Enqueue a message onto a queue of a running host.
     Enqueue(EnqueueArgs),
     /// List or replay the dead letters of a queue of a running host.
@@ -176,6 +176,15 @@ enum KvAction {
         /// The bucket.
         bucket: String,
     },
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// The formation file.
+    formation: PathBuf,
+    /// Where compiled components are cached [default: .wasmproc/cache beside the formation].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -282,44 +282,48 @@ fn compile_all(
     cache: &CompileCache,
     loaded: &[(&ProcessType, Vec<u8>, Footprint)],
 ) -> Vec<Result<wasmtime::component::Component, String>> {
+    use std::collections::BTreeMap;
+    use wasmtime::component::Component;
     // The first type of each distinct component compiles it for the others.
-    let mut first: std::collections::BTreeMap<&[u8], usize> = std::collections::BTreeMap::new();
+    let mut first: BTreeMap<&[u8], usize> = BTreeMap::new();
     let owners: Vec<usize> = loaded
         .iter()
         .enumerate()
         .map(|(i, (_, bytes, _))| *first.entry(bytes.as_slice()).or_insert(i))
         .collect();
-    let results: Vec<Option<Result<wasmtime::component::Component, String>>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = loaded
-                .iter()
-                .enumerate()
-                .map(|(i, (process, bytes, _))| {
-                    (owners[i] == i)
-                        .then(|| scope.spawn(move || compile_one(engine, cache, process, bytes)))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|handle| {
-                    handle.map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err("the compiler thread panicked".to_string()))
-                    })
-                })
-                .collect()
-        });
-    (0..loaded.len())
-        .map(|i| match results.get(owners[i]) {
-            Some(Some(result)) => {
-                if owners[i] != i
-                    && let (Some((process, _, _)), Some((owner, _, _))) = (loaded.get(i), loaded.get(owners[i]))
-                {
-                    tracing::info!(process = %process.name, "`{}` runs the component of `{}`", process.name, owner.name);
-                }
-                result.clone()
+    let compiled: BTreeMap<usize, Result<Component, String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = loaded
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| owners[*i] == *i)
+            .map(|(i, (process, bytes, _))| {
+                (
+                    i,
+                    scope.spawn(move || compile_one(engine, cache, process, bytes)),
+                )
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|(i, thread)| {
+                let panicked = || Err("the compiling thread panicked".to_string());
+                (i, thread.join().unwrap_or_else(|_| panicked()))
+            })
+            .collect()
+    });
+    loaded
+        .iter()
+        .zip(&owners)
+        .map(|((process, _, _), &owner)| {
+            if let Some((first, _, _)) = loaded.get(owner)
+                && first.name != process.name
+            {
+                tracing::info!(process = %process.name, "`{}` runs the component of `{}`", process.name, first.name);
             }
-            _ => Err("its component was not compiled".to_string()),
+            compiled
+                .get(&owner)
+                .cloned()
+                .unwrap_or_else(|| Err("its component was not compiled".to_string()))
         })
         .collect()
 }

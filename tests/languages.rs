@@ -305,3 +305,27 @@ fn wasmproc_dev_rebuilds_and_swaps_in_an_edit_without_a_failed_request() {
         (200, "Hello again from JavaScript\n")
     );
 }
+
+#[test]
+fn a_deploy_refuses_a_fetch_event_guest_for_reuse_and_a_component_larger_than_the_limit() {
+    let host = Host::start(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\n[process.warm]\nkind = \"web\"\ncomponent = \"{hello}\"\nroutes = [\"/\"]\nreuse = 4\n\n[process.small]\nkind = \"web\"\ncomponent = \"{hello}\"\nroutes = [\"/small\"]\nlimits = { memory = \"8MiB\" }\n",
+    );
+    let javascript = common::example("javascript").join("build/web.wasm");
+    let javascript = javascript.to_str().unwrap();
+    let (code, _, stderr) = host.cli(&["deploy", "warm", javascript]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("the artifact is a componentize-js fetch-event guest")
+            && stderr.contains("`warm` reuses each instance for 4 requests: set `reuse = 1`"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = host.cli(&["deploy", "small", javascript]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("`limits.memory` is 8 MiB, but the artifact starts with 9.1 MiB"),
+        "{stderr}"
+    );
+    assert_eq!(host.get("/").body, "Hello from wasmproc\n");
+    assert_eq!(host.get("/small").body, "Hello from wasmproc\n");
+}

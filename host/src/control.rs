@@ -397,6 +397,18 @@ impl Control {
                 "the artifact is a WASI 0.3 component, and this host started without one, so without the engine's async ABI (restart with it in the formation)".into(),
             ));
         }
+        let process = pool.process();
+        if let Some(why) =
+            engine::memory_below_initial("the artifact", &footprint, process.limits.memory)
+        {
+            return Err(ChangeError::Artifact(why));
+        }
+        if footprint.fetch_event && process.reuse.get() > 1 {
+            return Err(ChangeError::Artifact(format!(
+                "the artifact is a componentize-js fetch-event guest, which answers one request per instance, and `{name}` reuses each instance for {} requests: set `reuse = 1` and restart (or export an `incomingHandler` from the JavaScript)",
+                process.reuse
+            )));
+        }
         let (component, _) = self
             .cache
             .load(&self.engine, bytes)

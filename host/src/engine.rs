@@ -16,6 +16,10 @@
 //! - epoch interruption is always on, driven by one [`EpochTicker`] thread;
 //!   a store's deadline is counted in ticks of [`EPOCH_TICK`];
 //! - fuel is consumed only when some process type sets `limits.fuel`;
+//! - a component that starts with more linear memory than its type's
+//!   `limits.memory` is refused from its binary ([`memory_below_initial`]),
+//!   before the engine exists, so nothing is compiled for it and the cache
+//!   is never consulted (wasmtime would refuse it only after a compile);
 //! - a compiled artifact is cached under the SHA-256 of the component bytes
 //!   and the engine's compatibility hash, so a second start of the same
 //!   artifact never recompiles, and a wasmproc built with other settings
@@ -97,6 +101,14 @@ pub struct Footprint {
     /// Whether it imports or exports a WASI 0.3 interface (`…@0.3…`), and
     /// so needs the engine's support for the component model's async ABI.
     pub wasi_p3: bool,
+    /// Bytes of linear memory its largest defined memory starts with: an
+    /// instance needs at least this much of `limits.memory` before it runs
+    /// a single instruction (a pre-initialised JavaScript or Python runtime
+    /// starts with tens of MiB).
+    pub initial_memory: u64,
+    /// Whether it is recognisably a componentize-js *fetch-event* guest
+    /// (see [`Footprint::of`]), which answers one request per instance.
+    pub fetch_event: bool,
 }
 
 /// Why a file cannot be a component.
@@ -130,10 +142,31 @@ impl Footprint {
                 "unknown WebAssembly encoding".into(),
             ));
         }
+        let invalid =
+            |e: wasmparser::BinaryReaderError| NotAComponent::Invalid(e.message().to_string());
         let mut footprint = Footprint::default();
+        let mut guest = Producer::default();
         for payload in Parser::new(0).parse_all(bytes) {
-            match payload.map_err(|e| NotAComponent::Invalid(e.message().to_string()))? {
-                Payload::MemorySection(s) => footprint.memories += s.count(),
+            match payload.map_err(invalid)? {
+                Payload::MemorySection(s) => {
+                    footprint.memories += s.count();
+                    for memory in s {
+                        let memory = memory.map_err(invalid)?;
+                        let page = 1u64 << memory.page_size_log2.unwrap_or(16);
+                        let initial = memory.initial.saturating_mul(page);
+                        footprint.initial_memory = footprint.initial_memory.max(initial);
+                    }
+                }
+                Payload::ExportSection(s) => {
+                    for export in s {
+                        guest.core_export(export.map_err(invalid)?.name);
+                    }
+                }
+                Payload::CustomSection(s) => {
+                    if let wasmparser::KnownCustom::Producers(producers) = s.as_known() {
+                        guest.producers(producers);
+                    }
+                }
                 Payload::TableSection(s) => footprint.tables += s.count(),
                 Payload::InstanceSection(s) => footprint.core_instances += s.count(),
                 Payload::ComponentImportSection(s) => {
@@ -153,8 +186,93 @@ impl Footprint {
                 _ => {}
             }
         }
+        footprint.fetch_event = guest.is_fetch_event();
         Ok(footprint)
     }
+}
+
+/// What [`Footprint::of`] gathers to recognise a componentize-js
+/// fetch-event guest: StarlingMonkey's own `wasi:http/incoming-handler`
+/// export, kept when the JavaScript calls `addEventListener('fetch', …)`.
+///
+/// componentize-js names itself in the component's `producers` section.
+/// When the JavaScript exports its own `incomingHandler` instead, the
+/// handler is a generated binding, and every generated export comes with a
+/// `cabi_post_…` function to free its results; StarlingMonkey's built-in
+/// handler has none. So: a `ComponentizeJS` producer, a core export
+/// `wasi:http/incoming-handler@…#handle`, and no `cabi_post_` export for it.
+#[derive(Debug, Default)]
+struct Producer {
+    componentize_js: bool,
+    handle_exports: Vec<String>,
+    post_returns: Vec<String>,
+}
+
+impl Producer {
+    fn core_export(&mut self, name: &str) {
+        if let Some(handled) = name.strip_prefix("cabi_post_") {
+            self.post_returns.push(handled.to_string());
+        } else if name.starts_with("wasi:http/incoming-handler@") && name.ends_with("#handle") {
+            self.handle_exports.push(name.to_string());
+        }
+    }
+
+    fn producers(&mut self, producers: wasmparser::ProducersSectionReader<'_>) {
+        for field in producers.into_iter().flatten() {
+            if field
+                .values
+                .into_iter()
+                .flatten()
+                .any(|value| value.name == "ComponentizeJS")
+            {
+                self.componentize_js = true;
+            }
+        }
+    }
+
+    fn is_fetch_event(&self) -> bool {
+        self.componentize_js
+            && self
+                .handle_exports
+                .iter()
+                .any(|handle| !self.post_returns.contains(handle))
+    }
+}
+
+/// A size in the unit a person reads best for both `a` and `b` (so two
+/// sizes compared in one message are in the same unit): `(a, b, unit)`,
+/// rounded up to a tenth.
+pub fn same_unit(a: u64, b: u64) -> (String, String, &'static str) {
+    let (scale, unit) = if a.max(b) >= 1 << 20 {
+        (1u64 << 20, "MiB")
+    } else {
+        (1 << 10, "KiB")
+    };
+    let show = |n: u64| {
+        let tenths = (u128::from(n) * 10).div_ceil(u128::from(scale));
+        if tenths % 10 == 0 {
+            format!("{}", tenths / 10)
+        } else {
+            format!("{}.{}", tenths / 10, tenths % 10)
+        }
+    };
+    (show(a), show(b), unit)
+}
+
+/// Why a component (`what`: its name in the message) cannot run within a
+/// type's `limits.memory` of `limit` bytes: it starts with more linear
+/// memory than that. Checked from the binary, before anything is compiled;
+/// both sizes in one unit.
+pub fn memory_below_initial(what: &str, footprint: &Footprint, limit: u64) -> Option<String> {
+    if footprint.initial_memory <= limit {
+        return None;
+    }
+    let (limit_shown, initial, unit) = same_unit(limit, footprint.initial_memory);
+    let mib = footprint.initial_memory.div_ceil(1 << 20);
+    let suggested = (mib + mib / 2).next_power_of_two();
+    Some(format!(
+        "`limits.memory` is {limit_shown} {unit}, but {what} starts with {initial} {unit} of linear memory: expected more than {initial} {unit}, with room to grow (for example `memory = \"{suggested}MiB\"`)"
+    ))
 }
 
 /// Whether an import or export name is of a WASI 0.3 interface
@@ -207,6 +325,12 @@ pub fn slot_footprint(demands: &[Demand]) -> Footprint {
         tables: (most(&|f| f.tables) * SLOT_HEADROOM).max(8),
         core_instances: (most(&|f| f.core_instances) * SLOT_HEADROOM).max(32),
         wasi_p3: demands.iter().any(|d| d.footprint.wasi_p3),
+        initial_memory: demands
+            .iter()
+            .map(|d| d.footprint.initial_memory)
+            .max()
+            .unwrap_or(0),
+        fetch_event: false,
     }
 }
 
@@ -437,6 +561,18 @@ impl CompileCache {
     /// passes every check; otherwise compiles it and (re)writes the entry.
     /// A cache that cannot be read or written only costs a compile.
     pub fn load(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<(Component, CacheOutcome)> {
+        self.load_telling(engine, bytes, || {})
+    }
+
+    /// [`CompileCache::load`], calling `compiling` first when it has to
+    /// compile (a cold compile of a large component takes seconds: the
+    /// caller says so before the wait, not only after it).
+    pub fn load_telling(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        compiling: impl FnOnce(),
+    ) -> anyhow::Result<(Component, CacheOutcome)> {
         let key = entry::Key::of(engine, bytes);
         let path = self.dir.join(key.file_name());
         match entry::read(&path, &key, effective_uid()) {
@@ -454,6 +590,7 @@ impl CompileCache {
                 tracing::warn!(path = %path.display(), "refusing compile cache entry `{}`: {why}; compiling again", path.display())
             }
         }
+        compiling();
         let started = Instant::now();
         let component = Component::new(engine, bytes).map_err(anyhow::Error::from)?;
         self.misses.inc();
@@ -717,6 +854,64 @@ pub const MAX_COMPONENT_BYTES: u64 = 256 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_compared_in_one_message_share_a_unit_rounded_up() {
+        assert_eq!(
+            same_unit(8 << 20, 197 * (64 << 10)),
+            ("8".into(), "12.4".into(), "MiB")
+        );
+        assert_eq!(
+            same_unit(64 << 10, 1 << 20),
+            ("0.1".into(), "1".into(), "MiB")
+        );
+        assert_eq!(
+            same_unit(64 << 10, 128 << 10),
+            ("64".into(), "128".into(), "KiB")
+        );
+    }
+
+    #[test]
+    fn a_memory_limit_below_the_initial_memory_says_both_sizes_and_a_limit_that_fits() {
+        let footprint = Footprint {
+            initial_memory: 197 * (64 << 10),
+            ..Footprint::default()
+        };
+        assert_eq!(
+            memory_below_initial("`web.wasm`", &footprint, 16 << 20),
+            None
+        );
+        assert_eq!(
+            memory_below_initial("`web.wasm`", &footprint, 8 << 20).as_deref(),
+            Some(
+                "`limits.memory` is 8 MiB, but `web.wasm` starts with 12.4 MiB of linear memory: expected more than 12.4 MiB, with room to grow (for example `memory = \"32MiB\"`)"
+            )
+        );
+    }
+
+    #[test]
+    fn a_fetch_event_guest_is_componentize_js_without_a_post_return_for_its_handler() {
+        let handle = "wasi:http/incoming-handler@0.2.10#handle";
+        let guest = |componentize_js: bool, exports: &[&str]| {
+            let mut producer = Producer {
+                componentize_js,
+                ..Producer::default()
+            };
+            for export in exports {
+                producer.core_export(export);
+            }
+            producer.is_fetch_event()
+        };
+        // StarlingMonkey's own handler: `addEventListener('fetch', …)`.
+        assert!(guest(true, &["memory", "wasi:cli/run@0.2.10#run", handle]));
+        // A JavaScript `incomingHandler` export: a generated binding.
+        let post = format!("cabi_post_{handle}");
+        assert!(!guest(true, &[handle, &post]));
+        // A Rust guest's handler has no post-return either.
+        assert!(!guest(false, &["wasi:http/incoming-handler@0.2.6#handle"]));
+        // Not a web guest at all.
+        assert!(!guest(true, &["wasi:cli/run@0.2.10#run"]));
+    }
 
     #[test]
     fn footprint_refuses_what_is_not_a_component() {

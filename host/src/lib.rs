@@ -26,6 +26,7 @@
 //! | `bindings` | the host side of the wasmproc WIT package | the generated types |
 //! | [`client`] | the CLI's side of the admin API | how the CLI finds a host |
 //! | [`run`] | `check` and `run`, start to shutdown | the order of start-up |
+//! | [`dev`] | `wasmproc dev`: watch, rebuild, redeploy | what a save triggers |
 //! | [`telemetry`] | logs on stdout | the log format |
 //! | `throttle` | a token bucket for what guests make the host do over and over | guest log rates |
 
@@ -36,6 +37,7 @@ mod bindings;
 pub mod client;
 pub mod clock;
 pub mod control;
+pub mod dev;
 pub mod engine;
 pub mod formation;
 pub mod http;

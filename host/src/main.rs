@@ -39,6 +39,9 @@ enum Command {
     Run(FormationArgs),
     /// Validate a formation and compile its components, without serving.
     Check(FormationArgs),
+    /// Build and serve a formation, then rebuild and redeploy a type
+    /// whenever a file in the formation's folder changes.
+    Dev(DevArgs),
     /// Enqueue a message onto a queue of a running host.
     Enqueue(EnqueueArgs),
     /// List or replay the dead letters of a queue of a running host.
@@ -186,6 +189,15 @@ enum KvAction {
 }
 
 #[derive(Args)]
+struct DevArgs {
+    /// The formation file.
+    formation: PathBuf,
+    /// Where compiled components are cached [default: .wasmproc/cache beside the formation].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct FormationArgs {
     /// The formation file.
     formation: PathBuf,
@@ -234,6 +246,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => serve_or_check(args, true),
         Command::Check(args) => serve_or_check(args, false),
+        Command::Dev(args) => {
+            let formation = Formation::load(&args.formation, |name| std::env::var(name).ok())?;
+            run::build(&formation)?;
+            let cache = CompileCache::new(
+                args.cache_dir
+                    .clone()
+                    .unwrap_or_else(|| run::default_cache_dir(&formation)),
+            );
+            runtime()?.block_on(run::dev(formation, cache))
+        }
         Command::Enqueue(args) => runtime()?.block_on(enqueue(args)),
         Command::Dlq { action } => runtime()?.block_on(dlq(action)),
         Command::Kv { action } => runtime()?.block_on(kv(action)),

@@ -6,6 +6,13 @@
 //! compile (through the cache), link — collecting every problem before
 //! reporting — and only then, for `run`, bind the socket. So a bad formation
 //! never binds a port, and a user sees all that is wrong at once.
+//!
+//! Compiling is the slow step: a cold compile of a 13–22 MB JavaScript or
+//! Python component takes seconds. Every distinct component compiles at
+//! once, each on a thread of its own, and each type logs its component's
+//! size when its compile starts and the time it took when done. What can be
+//! refused from the binary alone (not a component, more initial memory than
+//! `limits.memory`) is refused before anything compiles.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -183,7 +190,14 @@ pub fn prepare(
             }
         };
         match Footprint::of(&bytes) {
-            Ok(footprint) => loaded.push((process, bytes, footprint)),
+            Ok(footprint) => {
+                let memory = process.limits.memory;
+                let what = format!("`{}`", process.component.display());
+                match engine::memory_below_initial(&what, &footprint, memory) {
+                    Some(why) => errors.push(memory_error(formation, process, why)),
+                    None => loaded.push((process, bytes, footprint)),
+                }
+            }
             Err(why) => errors.push(at(format!("`{}` {why}", process.component.display()))),
         }
     }
@@ -202,28 +216,15 @@ pub fn prepare(
         .collect();
     let fuel_metered = demands.iter().any(|d| d.fuel);
 
+    let compiled = compile_all(&engine, cache, &loaded);
     let mut pools = Vec::new();
-    for (process, bytes, _) in loaded {
+    for ((process, _, footprint), component) in loaded.iter().zip(compiled) {
         let at = |message: String| formation.error_at(process.component_span.clone(), message);
-        let started = Instant::now();
-        let component = match cache.load(&engine, &bytes) {
-            Ok((component, outcome)) => {
-                let how = match outcome {
-                    CacheOutcome::Hit => "loaded from the compile cache",
-                    CacheOutcome::Miss => "compiled",
-                };
-                tracing::info!(
-                    process = %process.name,
-                    "`{}` {how} in {} ms ({} KiB)",
-                    process.name,
-                    started.elapsed().as_millis(),
-                    bytes.len() / 1024
-                );
-                component
-            }
+        let component = match component {
+            Ok(component) => component,
             Err(e) => {
                 errors.push(at(format!(
-                    "cannot compile `{}`: {e:#}",
+                    "cannot compile `{}`: {e}",
                     process.component.display()
                 )));
                 continue;
@@ -236,7 +237,7 @@ pub fn prepare(
             queues: backing.queues.as_ref(),
             keyvalue: backing.keyvalue.as_ref(),
         };
-        match KindPool::new(process, &parts) {
+        match KindPool::new(&serving(process, footprint), &parts) {
             Ok(pool) => pools.push(pool),
             Err(e) => errors.push(at(link_error(process, &e))),
         }
@@ -251,6 +252,135 @@ pub fn prepare(
         pools,
         digests,
     })
+}
+
+/// The error of a component that starts with more linear memory than its
+/// type's `limits.memory`: at `memory = "…"` when the file sets it, else at
+/// `component` (the limit is the default).
+fn memory_error(formation: &Formation, process: &ProcessType, why: String) -> FormationError {
+    match &process.memory_span {
+        Some(span) => formation.error_at(span.clone(), why),
+        None => formation.error_at(
+            process.component_span.clone(),
+            format!(
+                "{why}; `limits.memory` defaults to {} MiB: set it with `limits = {{ memory = \"…\" }}`",
+                crate::formation::DEFAULT_MEMORY >> 20
+            ),
+        ),
+    }
+}
+
+/// Compiles (or loads from the cache) the component of every loaded type,
+/// each distinct component once and all of them at once, one thread each:
+/// a cold compile of a 20 MB JavaScript or Python component takes seconds,
+/// and a formation of several should wait for the slowest, not their sum.
+/// Logs, per type, the component's size when a compile starts (so a long
+/// wait is explained while it lasts) and the time when it is done. Returns
+/// one result per entry of `loaded`, in order.
+fn compile_all(
+    engine: &Engine,
+    cache: &CompileCache,
+    loaded: &[(&ProcessType, Vec<u8>, Footprint)],
+) -> Vec<Result<wasmtime::component::Component, String>> {
+    use std::collections::BTreeMap;
+    use wasmtime::component::Component;
+    // The first type of each distinct component compiles it for the others.
+    let mut first: BTreeMap<&[u8], usize> = BTreeMap::new();
+    let owners: Vec<usize> = loaded
+        .iter()
+        .enumerate()
+        .map(|(i, (_, bytes, _))| *first.entry(bytes.as_slice()).or_insert(i))
+        .collect();
+    let compiled: BTreeMap<usize, Result<Component, String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = loaded
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| owners[*i] == *i)
+            .map(|(i, (process, bytes, _))| {
+                (
+                    i,
+                    scope.spawn(move || compile_one(engine, cache, process, bytes)),
+                )
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|(i, thread)| {
+                let panicked = || Err("the compiling thread panicked".to_string());
+                (i, thread.join().unwrap_or_else(|_| panicked()))
+            })
+            .collect()
+    });
+    loaded
+        .iter()
+        .zip(&owners)
+        .map(|((process, _, _), &owner)| {
+            if let Some((first, _, _)) = loaded.get(owner)
+                && first.name != process.name
+            {
+                tracing::info!(process = %process.name, "`{}` runs the component of `{}`", process.name, first.name);
+            }
+            compiled
+                .get(&owner)
+                .cloned()
+                .unwrap_or_else(|| Err("its component was not compiled".to_string()))
+        })
+        .collect()
+}
+
+/// Compiles or loads `process`'s component, logging as [`compile_all`] says.
+fn compile_one(
+    engine: &Engine,
+    cache: &CompileCache,
+    process: &ProcessType,
+    bytes: &[u8],
+) -> Result<wasmtime::component::Component, String> {
+    let name = &process.name;
+    let size = bytes.len() as u64;
+    let (shown, _, unit) = engine::same_unit(size, size);
+    let started = Instant::now();
+    let compiling = || {
+        tracing::info!(process = %name, "compiling `{name}` ({shown} {unit}): not in the compile cache");
+    };
+    match cache.load_telling(engine, bytes, compiling) {
+        Ok((component, outcome)) => {
+            let how = match outcome {
+                CacheOutcome::Hit => "loaded from the compile cache",
+                CacheOutcome::Miss => "compiled",
+            };
+            tracing::info!(
+                process = %name,
+                "`{name}` {how} in {} ms ({} KiB)",
+                started.elapsed().as_millis(),
+                size / 1024
+            );
+            Ok(component)
+        }
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// The process type as its pool runs it. A componentize-js fetch-event
+/// guest answers one request per instance (its `respondWith` cannot be
+/// called twice), so with `reuse > 1` every second request would fail: its
+/// instances are retired after their first request instead, and a warning
+/// says so (`check` prints it too).
+fn serving<'a>(
+    process: &'a ProcessType,
+    footprint: &Footprint,
+) -> std::borrow::Cow<'a, ProcessType> {
+    if !(footprint.fetch_event && process.reuse.get() > 1) {
+        return std::borrow::Cow::Borrowed(process);
+    }
+    tracing::warn!(
+        process = %process.name,
+        "`{}` is a componentize-js fetch-event guest, which answers one request per instance: each instance is retired after its first request (`reuse = {}` is treated as 1; set `reuse = 1`, or export an `incomingHandler` to serve many requests per instance)",
+        process.name,
+        process.reuse
+    );
+    let mut once = process.clone();
+    once.reuse = std::num::NonZeroU32::MIN;
+    std::borrow::Cow::Owned(once)
 }
 
 /// Words a linking failure the way a user can act on.
@@ -287,6 +417,16 @@ pub fn needs_queues(formation: &Formation) -> bool {
 
 /// Serves `formation` until SIGTERM or SIGINT.
 pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()> {
+    serve(formation, cache, false).await
+}
+
+/// Serves `formation` like [`run`], rebuilding and redeploying its types
+/// when their sources change (`wasmproc dev`, see [`crate::dev`]).
+pub async fn dev(formation: Formation, cache: CompileCache) -> anyhow::Result<()> {
+    serve(formation, cache, true).await
+}
+
+async fn serve(formation: Formation, cache: CompileCache, watch: bool) -> anyhow::Result<()> {
     let backing = Backing::open(&formation).await?;
     let queues = backing.queues.clone();
     let prepared = prepare(&formation, &cache, &backing)?;
@@ -328,6 +468,13 @@ pub async fn run(formation: Formation, cache: CompileCache) -> anyhow::Result<()
         until_stopped(stopped.clone()),
     ));
     tasks.spawn(autoscale::run(control.clone(), stopped.clone()));
+    if watch {
+        tasks.spawn(crate::dev::watch(
+            control.clone(),
+            formation.clone(),
+            stopped.clone(),
+        ));
+    }
     tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
     let link = admin::ui::login_link(&keys, admin_addr)?;
     tracing::info!("dashboard: {link} (a one-time link; `wasmproc ui` prints another)");

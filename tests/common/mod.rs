@@ -115,22 +115,29 @@ impl Host {
             .arg(format!("--nofile={limit}:{limit}"))
             .arg("--")
             .arg(env!("CARGO_BIN_EXE_wasmproc"));
-        Self::spawn_command(command, dir, &path, &shared_cache(), &[])
+        Self::spawn_command(command, "run", dir, &path, &shared_cache(), &[])
     }
 
     fn spawn(dir: tempfile::TempDir, path: &Path, cache: &Path, env: &[(&str, &str)]) -> Host {
-        Self::spawn_command(wasmproc(), dir, path, cache, env)
+        Self::spawn_command(wasmproc(), "run", dir, path, cache, env)
+    }
+
+    /// `wasmproc dev` on the formation at `path` in `dir`, with the shared
+    /// cache and `env`.
+    pub fn start_dev(dir: tempfile::TempDir, path: &Path, env: &[(&str, &str)]) -> Host {
+        Self::spawn_command(wasmproc(), "dev", dir, path, &shared_cache(), env)
     }
 
     fn spawn_command(
         mut command: Command,
+        verb: &str,
         dir: tempfile::TempDir,
         path: &Path,
         cache: &Path,
         env: &[(&str, &str)],
     ) -> Host {
         command
-            .arg("run")
+            .arg(verb)
             .arg("--cache-dir")
             .arg(cache)
             .arg(path)
@@ -460,6 +467,43 @@ impl Host {
     /// `GET /metrics` on the admin API.
     pub fn metrics(&self) -> String {
         self.admin_request("GET", "/metrics", None).body
+    }
+}
+
+/// Runs `examples/NAME/build.sh` once per test binary (a build script
+/// leaves an up-to-date component alone, so later binaries pay little) and
+/// returns the example's folder.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let folder = root().join("examples").join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let status = Command::new(folder.join("build.sh"))
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .expect("run the example's build.sh");
+        assert!(status.success(), "building examples/{name} failed");
+        built.push(name.to_string());
+    }
+    folder
+}
+
+impl Host {
+    /// Runs the formation file of `examples/NAME` (built first, see
+    /// [`example`]) as it is, with `PORT=0`: a copy of it in a fresh folder,
+    /// beside a link to the example's `build/` folder, so its relative paths
+    /// hold and its queue and admin files stay out of the source tree.
+    pub fn start_example(name: &str, env: &[(&str, &str)]) -> Host {
+        let folder = example(name);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("formation.toml");
+        std::fs::copy(folder.join("formation.toml"), &path).unwrap();
+        std::os::unix::fs::symlink(folder.join("build"), dir.path().join("build")).unwrap();
+        let mut env = env.to_vec();
+        env.push(("PORT", "0"));
+        Self::spawn(dir, &path, &shared_cache(), &env)
     }
 }
 

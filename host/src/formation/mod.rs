@@ -414,6 +414,9 @@ pub struct ProcessType {
     pub reuse: NonZeroU32,
     /// Resource limits per instance and per unit.
     pub limits: Limits,
+    /// Where `memory = "…"` stands in `limits`, when the file sets it
+    /// (errors about a component's memory point there).
+    pub memory_span: Option<Range<usize>>,
     /// The only environment variables the guest sees (besides the ones
     /// wasmproc documents: `WASMPROC_PROCESS`, `WASMPROC_INSTANCE`), with
     /// `${VAR}` expanded.

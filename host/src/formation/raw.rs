@@ -483,6 +483,7 @@ impl Process {
         };
         let (scale, autoscale) = scale(self.scale.as_ref(), kind, problems);
         let reuse = reuse(self.reuse.as_ref(), problems);
+        let memory_span = self.limits.memory.as_ref().map(Spanned::span);
         let limits = self.limits.validate(problems);
         let env = pairs(self.env, "environment variable", lookup, problems);
         let config = pairs(self.config, "config key", lookup, problems);
@@ -507,6 +508,7 @@ impl Process {
                 autoscale,
                 reuse,
                 limits,
+                memory_span,
                 env,
                 config,
                 allow_outbound: allow_outbound.into(),

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# What tracing costs: the `hello` component served by wasmproc (fresh
+# instance per request, and reuse) with tracing off, and on — every request
+# a span, exported over OTLP/HTTP to a local sink that answers 200 and
+# counts the bytes. The two take turns for ROUNDS rounds; the ratios are of
+# medians.
+#
+#   bench/tracing.sh                # 5 rounds of wrk -t2 -c64 -d10s each
+#   ROUNDS=3 DURATION=5s bench/tracing.sh
+#
+# Needs wrk (apt-get install wrk) and python3.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+ROUNDS=${ROUNDS:-5}
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { echo "bench/tracing.sh needs wrk: apt-get install -y wrk" >&2; exit 1; }
+echo "building wasmproc and the hello guest ..." >&2
+cargo build --quiet --release
+guests/build.sh hello
+hello="$root/guests/target/wasm32-wasip2/release/hello.wasm"
+wasmproc="$root/target/release/wasmproc"
+
+# The OTLP sink: answers every export 200 (an empty ExportTraceServiceResponse).
+cat >"$work/sink.py" <<'PY'
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    received = 0
+    def do_POST(self):
+        n = int(self.headers.get("content-length", 0))
+        self.rfile.read(n)
+        Sink.received += n
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
+try:
+    server.serve_forever()
+finally:
+    print(f"received {Sink.received} bytes", file=sys.stderr, flush=True)
+PY
+python3 "$work/sink.py" >"$work/sink.addr" 2>"$work/sink.log" &
+pids+=("$!")
+for _ in $(seq 1 100); do [ -s "$work/sink.addr" ] && break; sleep 0.05; done
+sink=$(cat "$work/sink.addr")
+
+start() { # start LOG ENV...: runs wasmproc with $formation, waits for its address
+  local log=$1; shift
+  env "$@" "$wasmproc" run --log-level "warn,wasmproc::run=info" --cache-dir "$work/cache" "$formation" >"$log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+  addr=""
+  for _ in $(seq 1 600); do
+    addr=$(grep -v "admin API\|dashboard" "$log" | grep -o 'http://[0-9.]*:[0-9]*' | head -n1 || true)
+    [ -n "$addr" ] && break
+    sleep 0.05
+  done
+  [ -n "$addr" ] || { echo "wasmproc did not start:" >&2; cat "$log" >&2; exit 1; }
+  for _ in $(seq 1 600); do curl -sf "$addr/" >/dev/null && break; sleep 0.05; done
+}
+
+declare -A RPS
+measure() { # measure NAME
+  local out rps p99 errors
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$addr/")
+  errors=$(echo "$out" | grep -E 'Non-2xx|Socket errors' || true)
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+  RPS[$1]="${RPS[$1]:-} $rps"
+  printf '%-36s %12s req/s   p99 %-9s %s\n' "$1" "$rps" "$p99" "$errors"
+  kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+}
+
+formation() { # formation REUSE
+  cat >"$work/formation-$1.toml" <<TOML
+[http]
+listen = "127.0.0.1:0"
+[process.web]
+kind = "web"
+component = "$hello"
+scale = $CONNECTIONS
+reuse = $1
+backlog = 4096
+TOML
+  echo "$work/formation-$1.toml"
+}
+
+echo "machine: $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d$DURATION; $ROUNDS rounds; OTLP sink at $sink"
+fresh=$(formation 1)
+reuse=$(formation 1000)
+"$wasmproc" check --cache-dir "$work/cache" "$fresh" >/dev/null
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round"
+  for kind in fresh reuse; do
+    formation=${!kind}
+    start "$work/off.log" OTEL_SDK_DISABLED=false
+    measure "$kind, tracing off"
+    start "$work/on.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink"
+    measure "$kind, tracing on (every request)"
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+echo
+echo "medians of $ROUNDS rounds:"
+for kind in fresh reuse; do
+  off=$(echo "${RPS[$kind, tracing off]}" | median)
+  on=$(echo "${RPS[$kind, tracing on (every request)]}" | median)
+  awk -v k="$kind" -v off="$off" -v on="$on" 'BEGIN {
+    printf "%-6s off %10.0f req/s   on %10.0f req/s   on/off %.2f\n", k, off, on, on / off }'
+done
+kill "${pids[0]}" 2>/dev/null || true
+sleep 0.2
+cat "$work/sink.log"

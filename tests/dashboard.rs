@@ -1,8 +1,8 @@
 //! The dashboard, driven in a real headless Chromium as an operator would:
-//! open the login link the host printed, watch the numbers move, press the
-//! buttons, and check that `wasmproc ps` and the host's log agree. Also what
-//! a browser without a session sees, and what a hostile page on another
-//! local port can (not) do with the operator's session.
+//! open the login link `wasmproc ui` printed, watch the numbers move, press
+//! the buttons, and check that `wasmproc ps` and the host's log agree. Also
+//! what a browser without a session sees, what a session may reach, and
+//! what a hostile page and a listener on other local ports get (nothing).
 //!
 //! Needs `chromium` (Debian's package; `.ci/run` installs it). Screenshots
 //! go to `target/dashboard/`.
@@ -13,8 +13,8 @@ mod common;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,11 +53,19 @@ fn browser() -> Browser {
     Browser::new(options).expect("cannot start chromium (apt-get install chromium)")
 }
 
-/// The one-time login link the host printed at start.
+/// A one-time login link, from `wasmproc ui`; the host never logs one.
 fn login_link(host: &mut Host) -> String {
-    let line = host.wait_for_log("dashboard: http://");
-    let start = line.find("http://").unwrap();
-    line[start..].split_whitespace().next().unwrap().to_string()
+    host.wait_for_log("dashboard: http://");
+    let (code, stdout, stderr) = host.cli(&["ui"]);
+    assert_eq!(code, 0, "{stderr}");
+    let link = stdout.trim().to_string();
+    assert!(link.contains("/ui/login?code="), "{link}");
+    assert!(
+        !host.log().iter().any(|l| l.contains("code=")),
+        "a login code in the log:\n{}",
+        host.log().join("\n")
+    );
+    link
 }
 
 /// Evaluates `script` in the page and returns its value as a string
@@ -215,12 +223,12 @@ fn the_dashboard_shows_the_host_live_and_its_buttons_change_it() {
     host.terminate();
 }
 
-/// A page served from another local port: same-site to the admin API (a
-/// port is not a site), so the browser sends the operator's
-/// `SameSite=Strict` cookie along. Only the origin checks stand between it
-/// and the buttons.
+/// A page served from another local port, which also records every
+/// request it gets: same-site to the admin API (a port is not a site), so
+/// the browser would send it the admin origin's cookies, if there were any.
 struct Foreign {
     addr: String,
+    heads: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -230,7 +238,8 @@ impl Foreign {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (stopping, seen) = (stop.clone(), heads.clone());
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
@@ -239,11 +248,15 @@ impl Foreign {
                 let Ok(mut stream) = stream else { continue };
                 // A connection of its own: the browser opens spare
                 // connections that never send a request.
-                let page = page.clone();
+                let (page, seen) = (page.clone(), seen.clone());
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(DEADLINE));
-                    let mut head = [0u8; 4096];
-                    if stream.read(&mut head).unwrap_or(0) > 0 {
+                    let mut head = [0u8; 8192];
+                    let n = stream.read(&mut head).unwrap_or(0);
+                    if n > 0 {
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head[..n]).into_owned());
                         let _ = write!(
                             stream,
                             "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
@@ -255,6 +268,7 @@ impl Foreign {
         });
         Foreign {
             addr,
+            heads,
             stop,
             thread: Some(thread),
         }
@@ -271,10 +285,14 @@ impl Drop for Foreign {
     }
 }
 
+/// The text a user sees on the page (not what hidden elements hold).
+fn visible(tab: &Tab) -> String {
+    eval(tab, "document.body.innerText")
+}
+
 #[test]
-fn no_session_no_dashboard_and_another_page_cannot_use_the_operators() {
+fn a_session_is_the_dashboards_alone_and_reaches_only_what_it_shows() {
     let mut host = Host::start(FORMATION);
-    let link = login_link(&mut host);
     let browser = browser();
     let tab = browser.new_tab().unwrap();
 
@@ -283,21 +301,28 @@ fn no_session_no_dashboard_and_another_page_cannot_use_the_operators() {
         .unwrap()
         .wait_until_navigated()
         .unwrap();
-    let body = text(&tab, "body");
-    assert!(body.contains("needs a login link"), "{body}");
-    assert!(!body.contains("Process types"), "{body}");
+    let start = Instant::now();
+    while !visible(&tab).contains("needs a login link") {
+        assert!(start.elapsed() < DEADLINE, "{}", visible(&tab));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!visible(&tab).contains("Process types"));
 
     // The operator logs in.
+    let link = login_link(&mut host);
     tab.navigate_to(&link)
         .unwrap()
         .wait_until_navigated()
         .unwrap();
     wait_for_text(&tab, "#live", "the event stream", |t| t == "live");
+    let session = eval(&tab, "localStorage.getItem('wasmproc-session')");
+    assert_eq!(session.len(), 64, "{session}");
 
-    // A hostile page on another port posts to /scale with the operator's
-    // cookie and follows a login link: both are refused.
+    // A hostile page on another local port posts to /scale and loads an
+    // image from its own port: the scale stays, and no request that port
+    // gets carries the session.
     let page = format!(
-        r#"<!doctype html><title>hostile</title><p id="done"></p><script>
+        r#"<!doctype html><title>hostile</title><p id="done"></p><img src="/pixel"><script>
         fetch("http://{admin}/scale", {{method: "POST", mode: "no-cors", credentials: "include", body: "web=3"}})
           .then(() => document.getElementById("done").textContent = "sent",
                 () => document.getElementById("done").textContent = "failed");
@@ -311,8 +336,34 @@ fn no_session_no_dashboard_and_another_page_cannot_use_the_operators() {
         .unwrap();
     wait_for_text(&tab, "#done", "the hostile fetch", |t| !t.is_empty());
     assert_eq!(scale_of(&host, "web"), 1);
+    let heads = foreign.heads.lock().unwrap().clone();
+    assert!(heads.len() >= 2, "{heads:?}");
+    assert!(
+        heads.iter().all(|h| !h.contains(&session)),
+        "another port saw the session: {heads:?}"
+    );
 
-    // The operator's session still works in their own tab.
+    // The session reaches what the dashboard shows and does, nothing more.
+    let admin = host.admin.clone();
+    let with = |method: &str, path: &str| {
+        common::request_with(
+            &admin,
+            method,
+            path,
+            &[("x-wasmproc-session", &session)],
+            None,
+        )
+        .status
+    };
+    assert_eq!(with("GET", "/ps"), 200);
+    assert_eq!(with("GET", "/queues/jobs/dead-letters"), 200);
+    assert_eq!(with("POST", "/queues/jobs/messages"), 403);
+    assert_eq!(with("POST", "/deploy/web"), 403);
+    assert_eq!(with("POST", "/ui/link"), 403);
+    assert_eq!(with("GET", "/kv/any/key"), 403);
+
+    // The operator's own tab still works, then logs out: the page locks,
+    // and the session is refused from then on.
     tab.navigate_to(&format!("http://{}/ui", host.admin))
         .unwrap()
         .wait_until_navigated()
@@ -320,6 +371,11 @@ fn no_session_no_dashboard_and_another_page_cannot_use_the_operators() {
     wait_for_text(&tab, "#live", "the event stream", |t| t == "live");
     click(&tab, "[data-process=web] [data-action=scale-up]");
     wait_for_scale(&host, "web", 2);
+    click(&tab, "#logout");
+    wait_for_text(&tab, "#live", "the logout", |t| t == "logged out");
+    assert!(visible(&tab).contains("needs a login link"));
+    host.wait_for_log("dashboard: a browser logged out");
+    assert_eq!(with("GET", "/ps"), 401);
 
     // A used login link does not log in a second browser.
     let other = browser.new_context().unwrap().new_tab().unwrap();

@@ -15,6 +15,7 @@
 //! `limits.memory`) is refused before anything compiles.
 
 use std::collections::BTreeSet;
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -476,8 +477,16 @@ async fn serve(formation: Formation, cache: CompileCache, watch: bool) -> anyhow
         ));
     }
     tracing::info!(addr = %admin_addr, "admin API on http://{admin_addr}");
-    let link = admin::ui::login_link(&keys, admin_addr)?;
-    tracing::info!("dashboard: {link} (a one-time link; `wasmproc ui` prints another)");
+    // A login link is a secret: it goes to the operator's terminal, never
+    // into the log, which others often read.
+    tracing::info!(
+        "dashboard: http://{admin_addr}/ui (`wasmproc ui -f {}` prints a one-time login link)",
+        formation.path.display()
+    );
+    if std::io::stderr().is_terminal() {
+        let link = admin::ui::login_link(&keys, admin_addr)?;
+        eprintln!("dashboard login link (works once, within 15 minutes): {link}");
+    }
 
     for pool in &prepared.pools {
         let p = pool.erased();

@@ -12,18 +12,18 @@
 //!   in constant time, after trimming white space on both sides the same
 //!   way. Such a request is refused when a browser sent it for a page (an
 //!   `Origin` header, or a `Sec-Fetch-Site` other than `none`);
-//! - the dashboard's requests carry no token but a session cookie instead
-//!   (`HttpOnly`, `SameSite=Strict`, named after the admin port). A
-//!   session is made only by a one-time login code (16 random bytes, for
-//!   15 minutes, used once) that the host prints at start or gives the
-//!   CLI (`wasmproc ui`), and is accepted only from the dashboard's own
-//!   origin: `Sec-Fetch-Site` `same-origin` (or `none`, for a page the
-//!   operator opened, on `GET`), and an `Origin`, when present, equal to
-//!   the admin API's own — required on every other method. A page on
-//!   another site can neither send the cookie (`SameSite=Strict`) nor pass
-//!   for the dashboard;
-//! - the HTTP front removes the dashboard's cookie from requests before a
-//!   guest sees them (cookies are shared by every port of a host name).
+//! - the dashboard's requests carry no token but a session instead, in an
+//!   `X-Wasmproc-Session` header (the event stream, which a browser opens
+//!   without headers, in `?session=`). A session is made only by a
+//!   one-time login code (16 random bytes, for 15 minutes, used once) that
+//!   the host gives the CLI (`wasmproc ui`, with the per-start token), and
+//!   it lives in the dashboard page's own storage, which no page of
+//!   another origin can read — not a cookie, which the browser would also
+//!   send to every other port of the host, where a local process could
+//!   catch it. It is accepted only from the dashboard's own origin as
+//!   well: `Sec-Fetch-Site`, when present, `same-origin` (or `none` on
+//!   `GET`), and an `Origin` equal to the admin API's own — required on
+//!   every other method.
 //!
 //! A per-start token in a file also means a stale `admin.addr` (the host
 //! died, another process took the port) only ever receives the dead
@@ -36,12 +36,12 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, Method, header};
 use subtle::ConstantTimeEq as _;
 
-/// The prefix of the dashboard's cookie name; the admin port follows it.
-pub const COOKIE_PREFIX: &str = "wasmproc_ui_";
+/// The header carrying a dashboard session.
+pub const SESSION_HEADER: &str = "x-wasmproc-session";
 /// How long a login code may wait to be used.
 const CODE_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// How long a dashboard session lasts.
-pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
+const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
 /// Login codes waiting at once; the oldest goes first.
 const MAX_CODES: usize = 16;
 /// Dashboard sessions at once; the oldest goes first.
@@ -61,13 +61,17 @@ pub enum Refusal {
 }
 
 /// Who a request that passed [`Keys::check`] comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     /// A bearer token's holder: the CLI, a script.
     Operator,
-    /// The dashboard, in the operator's browser.
-    Dashboard,
+    /// The dashboard, in the operator's browser, with its session.
+    Dashboard(Session),
 }
+
+/// A live dashboard session's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session(String);
 
 impl Refusal {
     /// What the refusal's error says.
@@ -163,6 +167,17 @@ impl Keys {
         add(&self.sessions, 32, SESSION_LIFETIME, MAX_SESSIONS).map(Some)
     }
 
+    /// Whether `session` is still live (it expires, or newer ones push it
+    /// out, or it logged out).
+    pub fn alive(&self, session: &Session) -> bool {
+        take(&self.sessions, &session.0, false)
+    }
+
+    /// Ends `session`.
+    pub fn log_out(&self, session: &Session) {
+        take(&self.sessions, &session.0, true);
+    }
+
     /// The token generated at start, for the token file.
     pub fn per_start(&self) -> &str {
         &self.per_start
@@ -178,14 +193,14 @@ impl Keys {
     }
 
     /// Checks a request to a route that needs authority; `loopback` says
-    /// whether the listener is on a loopback address, `port` is its port
-    /// (which names the dashboard's cookie).
+    /// whether the listener is on a loopback address; `query_session` is a
+    /// session given in the query string (the event stream's way).
     pub fn check(
         &self,
         method: &Method,
         headers: &HeaderMap,
+        query_session: Option<&str>,
         loopback: bool,
-        port: u16,
     ) -> Result<Caller, Refusal> {
         if !local_request(headers, loopback) {
             return Err(Refusal::Host);
@@ -208,8 +223,12 @@ impl Keys {
                 origin.as_bytes().strip_prefix(b"http://") == Some(host.as_bytes())
             })
         };
-        let session = cookie(headers, &cookie_name(port));
-        if !session.is_some_and(|session| take(&self.sessions, session, false)) {
+        let given = headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .or(query_session);
+        let session = given.filter(|given| take(&self.sessions, given, false));
+        let Some(session) = session else {
             // Another site's page gets told so; anyone else needs a token.
             let foreign = origin.is_some_and(|o| !own(o))
                 || site.is_some_and(|site| site != b"none" && site != b"same-origin");
@@ -218,11 +237,10 @@ impl Keys {
             } else {
                 Refusal::Token
             });
-        }
+        };
         let reading = matches!(*method, Method::GET | Method::HEAD);
         let site_ok = match site {
-            None => true,
-            Some(b"same-origin") => true,
+            None | Some(b"same-origin") => true,
             Some(b"none") => reading,
             Some(_) => false,
         };
@@ -231,7 +249,7 @@ impl Keys {
             None => reading,
         };
         if site_ok && origin_ok {
-            Ok(Caller::Dashboard)
+            Ok(Caller::Dashboard(Session(session.to_string())))
         } else {
             Err(Refusal::Origin)
         }
@@ -245,23 +263,6 @@ pub fn local_request(headers: &HeaderMap, loopback: bool) -> bool {
         || headers
             .get(header::HOST)
             .is_some_and(|h| local_host(h.as_bytes()))
-}
-
-/// The dashboard cookie's name on the admin listener at `port`.
-pub fn cookie_name(port: u16) -> String {
-    format!("{COOKIE_PREFIX}{port}")
-}
-
-/// The value of cookie `name` in a request's `Cookie` headers.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 /// Whether a `Host` header names an IP address or `localhost` (with or
@@ -298,7 +299,7 @@ mod tests {
         let keys = Keys::generate(Some(" s3cret \n")).unwrap();
         let bearer = format!("Bearer {}", keys.per_start());
         let ok =
-            |pairs: &[(&'static str, &str)]| keys.check(&Method::POST, &headers(pairs), true, 9);
+            |pairs: &[(&'static str, &str)]| keys.check(&Method::POST, &headers(pairs), None, true);
         assert_eq!(ok(&[("host", "127.0.0.1:9")]), Err(Refusal::Token));
         assert_eq!(
             ok(&[("host", "127.0.0.1:9"), ("authorization", &bearer)]),
@@ -338,8 +339,8 @@ mod tests {
             keys.check(
                 &Method::GET,
                 &headers(&[("host", "admin.example"), ("authorization", &bearer)]),
+                None,
                 false,
-                9
             ),
             Ok(Caller::Operator)
         );
@@ -350,20 +351,30 @@ mod tests {
         let keys = Keys::generate(None).unwrap();
         let code = keys.login_code().unwrap();
         assert_eq!(keys.log_in("not-the-code").unwrap(), None);
-        let session = keys.log_in(&code).unwrap().unwrap();
+        let id = keys.log_in(&code).unwrap().unwrap();
         assert_eq!(keys.log_in(&code).unwrap(), None, "a code works once");
-        let cookie = format!("theme=dark; wasmproc_ui_9={session}");
+        let dashboard = Ok(Caller::Dashboard(Session(id.clone())));
         let check = |method: Method, pairs: &[(&'static str, &str)]| {
-            keys.check(&method, &headers(pairs), true, 9)
+            keys.check(&method, &headers(pairs), None, true)
         };
         let own = [
             ("host", "127.0.0.1:9"),
-            ("cookie", cookie.as_str()),
+            (SESSION_HEADER, id.as_str()),
             ("sec-fetch-site", "same-origin"),
             ("origin", "http://127.0.0.1:9"),
         ];
-        assert_eq!(check(Method::POST, &own), Ok(Caller::Dashboard));
-        assert_eq!(check(Method::GET, &own[..3]), Ok(Caller::Dashboard));
+        assert_eq!(check(Method::POST, &own), dashboard);
+        assert_eq!(check(Method::GET, &own[..3]), dashboard);
+        // The event stream's session rides in the query.
+        assert_eq!(
+            keys.check(
+                &Method::GET,
+                &headers(&[own[0], own[2]]),
+                Some(id.as_str()),
+                true
+            ),
+            dashboard
+        );
         // A POST needs the dashboard's own Origin.
         assert_eq!(check(Method::POST, &own[..3]), Err(Refusal::Origin));
         let mut other = own;
@@ -372,21 +383,15 @@ mod tests {
         other = own;
         other[2] = ("sec-fetch-site", "same-site");
         assert_eq!(check(Method::POST, &other), Err(Refusal::Origin));
-        // The cookie of another admin port, or a made-up session.
-        let elsewhere = format!("wasmproc_ui_10={session}");
+        // A made-up session, and one that logged out.
         assert_eq!(
-            check(
-                Method::GET,
-                &[("host", "127.0.0.1:9"), ("cookie", &elsewhere)]
-            ),
+            check(Method::GET, &[own[0], (SESSION_HEADER, "00")]),
             Err(Refusal::Token)
         );
-        assert_eq!(
-            check(
-                Method::GET,
-                &[("host", "127.0.0.1:9"), ("cookie", "wasmproc_ui_9=00")]
-            ),
-            Err(Refusal::Token)
-        );
+        let session = Session(id.clone());
+        assert!(keys.alive(&session));
+        keys.log_out(&session);
+        assert!(!keys.alive(&session));
+        assert_eq!(check(Method::GET, &own[..3]), Err(Refusal::Token));
     }
 }

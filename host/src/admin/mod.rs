@@ -18,7 +18,9 @@
 //! | `DELETE /kv/B/K`                             | removes K                              |
 //! | `GET /ui/login?code=C`                       | trades a one-time code for a dashboard session |
 //! | `POST /ui/link`                              | a fresh one-time dashboard link: `{"url": …}` |
-//! | `GET /ui`, `/ui/events`                      | the dashboard and its live snapshots (see [`ui`]) |
+//! | `GET /ui/events?session=S`                   | the dashboard's live snapshots (see [`ui`]) |
+//! | `POST /ui/logout`                            | ends the dashboard session that sends it |
+//! | `GET /ui`, `/ui/app.js`, `/ui/style.css`     | the dashboard's page: static, public, no data |
 //!
 //! Errors are JSON `{"error": "…"}`: 404 for an unknown queue, type or
 //! path, 405 for a known path with another method, 413 for a message over
@@ -29,9 +31,10 @@
 //! confirm an enqueue (the message may or may not be there: send it again
 //! with the same `Idempotency-Key`), 401 without a valid bearer token or
 //! dashboard session and 403 for a request a web page sent (see [`guard`];
-//! `/healthz` and `/readyz` need neither, for probes). A dashboard session
-//! reaches only what the dashboard shows and does: `/ps`, `/metrics`,
-//! `/scale`, the dead letters and their replay, and `/ui`.
+//! `/healthz`, `/readyz` and the dashboard's static page need neither). A
+//! dashboard session reaches only what the dashboard shows and does:
+//! `/ps`, `/metrics`, `/scale`, the dead letters and their replay, its
+//! event stream and its logout.
 //!
 //! The bound address is logged (`admin API on http://…`) and written to
 //! `.wasmproc/admin.addr` beside the formation, and the token generated at
@@ -56,7 +59,7 @@ mod api;
 mod guard;
 pub mod ui;
 
-pub use guard::{COOKIE_PREFIX, Keys};
+pub use guard::Keys;
 
 use crate::accept::{Connections, accept_until};
 use crate::control::Control;
@@ -136,17 +139,35 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Lets through a request with a valid token or dashboard session.
-async fn authorize(State(admin): State<Admin>, request: Request, next: Next) -> Response {
-    match admin.keys.check(
+/// The session in an event stream's query string (`?session=`); other
+/// routes take it in a header only, so it stays out of their addresses.
+fn query_session(request: &Request) -> Option<&str> {
+    if request.uri().path() != "/ui/events" {
+        return None;
+    }
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("session="))
+}
+
+/// Lets through a request with a valid token or dashboard session; a
+/// dashboard request carries its [`guard::Session`] on.
+async fn authorize(State(admin): State<Admin>, mut request: Request, next: Next) -> Response {
+    let checked = admin.keys.check(
         request.method(),
         request.headers(),
+        query_session(&request),
         admin.loopback,
-        admin.addr.port(),
-    ) {
+    );
+    match checked {
         Ok(Caller::Operator) => next.run(request).await,
-        Ok(Caller::Dashboard) if dashboard_may(request.uri().path()) => next.run(request).await,
-        Ok(Caller::Dashboard) => error(
+        Ok(Caller::Dashboard(session)) if dashboard_may(request.uri().path()) => {
+            request.extensions_mut().insert(session);
+            next.run(request).await
+        }
+        Ok(Caller::Dashboard(_)) => error(
             StatusCode::FORBIDDEN,
             "the dashboard's session may not do this: use a bearer token",
         ),
@@ -155,22 +176,17 @@ async fn authorize(State(admin): State<Admin>, request: Request, next: Next) -> 
                 Refusal::Token => StatusCode::UNAUTHORIZED,
                 Refusal::Browser | Refusal::Host | Refusal::Origin => StatusCode::FORBIDDEN,
             };
-            // The dashboard's pages say how to get in rather than print JSON.
-            if request.uri().path() == "/ui" && refusal == Refusal::Token {
-                return ui::locked_out(status);
-            }
             error(status, refusal.message())
         }
     }
 }
 
 /// What a dashboard session may reach: what the dashboard shows and its
-/// buttons do (scale, replay), not deploys, messages or the store.
+/// buttons do (scale, replay, log out), not deploys, messages or the
+/// store.
 fn dashboard_may(path: &str) -> bool {
     match path {
-        "/ps" | "/scale" | "/metrics" | "/ui" | "/ui/events" | "/ui/app.js" | "/ui/style.css" => {
-            true
-        }
+        "/ps" | "/scale" | "/metrics" | "/ui/events" | "/ui/logout" => true,
         _ => path.strip_prefix("/queues/").is_some_and(|rest| {
             let mut parts = rest.split('/');
             let _queue = parts.next();
@@ -217,12 +233,12 @@ fn router(admin: Admin) -> Router {
             "/kv/{bucket}/{key}",
             get(api::kv_get).put(api::kv_set).delete(api::kv_delete),
         )
-        .merge(ui::routes())
+        .merge(ui::guarded_routes())
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/ui/login", get(ui::login))
+        .merge(ui::public_routes())
         .merge(guarded)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -10,21 +10,26 @@
 //! its buttons call the admin API (`/scale`, the dead-letter routes).
 //!
 //! Invariants:
-//! - a browser gets in only through a one-time login link (see
-//!   [`super::guard`]): the host prints one at start, `wasmproc ui` asks for
-//!   another; the link trades its code for a session cookie and redirects
-//!   to `/ui`, so the code leaves the address bar at once;
+//! - the page, script and style are public (they are in the binary, and
+//!   hold no data); everything else needs a session, which a browser gets
+//!   only through a one-time login link (see [`super::guard`]): `wasmproc
+//!   ui` asks the host for one with the per-start token; the link trades
+//!   its code for a session and redirects to `/ui#session=…`, where the
+//!   script moves the session into the page's own storage and out of the
+//!   address bar;
 //! - every dashboard answer forbids framing, inline script and third-party
 //!   requests (`Content-Security-Policy`), and is never cached; the script
 //!   sets text, never markup, so what a guest writes (a failure's detail, a
 //!   message body) cannot run in the operator's browser;
 //! - at most [`MAX_STREAMS`] event streams are open at once, so dashboards
 //!   never take the admin API's connections from the CLI; a stream ends
-//!   when the host stops.
+//!   when the host stops or its session ends (expired, pushed out by newer
+//!   ones, or logged out).
 
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -33,7 +38,7 @@ use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use super::guard::{SESSION_LIFETIME, cookie_name, local_request};
+use super::guard::{Session, local_request};
 use super::{Admin, error, json};
 use crate::control::Decision;
 use crate::formation::Kind;
@@ -77,14 +82,22 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     guarded(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
-/// The dashboard's routes behind the guard.
-pub(super) fn routes() -> Router<Admin> {
+/// The dashboard's routes anyone may fetch: its static files, and the
+/// login, which checks its code itself.
+pub(super) fn public_routes() -> Router<Admin> {
     Router::new()
         .route("/ui", get(page))
         .route("/ui/app.js", get(script))
         .route("/ui/style.css", get(style))
+        .route("/ui/login", get(login))
+}
+
+/// The dashboard's routes behind the guard.
+pub(super) fn guarded_routes() -> Router<Admin> {
+    Router::new()
         .route("/ui/events", get(events))
         .route("/ui/link", post(link))
+        .route("/ui/logout", post(logout))
 }
 
 async fn page() -> Response {
@@ -115,24 +128,14 @@ fn notice(status: StatusCode, title: &str, text: &str) -> Response {
     )
 }
 
-/// What `/ui` shows a browser without a session.
-pub(super) fn locked_out(status: StatusCode) -> Response {
-    notice(
-        status,
-        "this dashboard needs a login link",
-        "Open the one-time link wasmproc printed when it started (<code>dashboard: http://…/ui/login?code=…</code>), \
-         or run <code>wasmproc ui -f FORMATION</code> for a new one.",
-    )
-}
-
 /// `?code=` of a login.
 #[derive(Deserialize)]
 pub(super) struct Login {
     code: Option<String>,
 }
 
-/// Trades a one-time code for a session cookie, and goes to the dashboard.
-pub(super) async fn login(
+/// Trades a one-time code for a session, and goes to the dashboard with it.
+async fn login(
     State(admin): State<Admin>,
     Query(login): Query<Login>,
     headers: HeaderMap,
@@ -170,16 +173,17 @@ pub(super) async fn login(
         }
     };
     tracing::info!("dashboard: a browser logged in");
-    let cookie = format!(
-        "{}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        cookie_name(admin.addr.port()),
-        SESSION_LIFETIME.as_secs()
-    );
-    let mut response = guarded(Redirect::to("/ui").into_response());
-    if let Ok(value) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
+    // The session rides in the fragment, which the browser never sends on.
+    guarded(Redirect::to(&format!("/ui#session={session}")).into_response())
+}
+
+/// `POST /ui/logout`: ends the session that sent it.
+async fn logout(State(admin): State<Admin>, session: Option<Extension<Session>>) -> Response {
+    if let Some(Extension(session)) = session {
+        admin.keys.log_out(&session);
+        tracing::info!("dashboard: a browser logged out");
     }
-    response
+    json(StatusCode::OK, &serde_json::json!({ "logged_out": true }))
 }
 
 /// A fresh one-time login link to the dashboard of the host at `addr`.
@@ -325,8 +329,9 @@ async fn snapshot(admin: &Admin) -> Snapshot<'_> {
 }
 
 /// `GET /ui/events`: a snapshot at once, then one a second, until the
-/// browser goes away or the host stops.
-async fn events(State(admin): State<Admin>) -> Response {
+/// browser goes away, the host stops or the dashboard's session ends.
+async fn events(State(admin): State<Admin>, session: Option<Extension<Session>>) -> Response {
+    let session = session.map(|Extension(session)| session);
     let Ok(permit) = admin.streams.clone().try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -334,15 +339,15 @@ async fn events(State(admin): State<Admin>) -> Response {
         );
     };
     let stream = futures::stream::unfold(
-        (admin, permit, true),
-        |(mut admin, permit, first)| async move {
+        (admin, permit, session, true),
+        |(mut admin, permit, session, first)| async move {
             if !first {
                 tokio::select! {
                     () = tokio::time::sleep(EVERY) => {}
                     _ = admin.stopping.wait_for(|stop| *stop) => return None,
                 }
             }
-            if *admin.stopping.borrow() {
+            if *admin.stopping.borrow() || session.as_ref().is_some_and(|s| !admin.keys.alive(s)) {
                 return None;
             }
             let event = match Event::default()
@@ -357,7 +362,7 @@ async fn events(State(admin): State<Admin>) -> Response {
             } else {
                 event
             };
-            Some((Ok::<_, Infallible>(event), (admin, permit, false)))
+            Some((Ok::<_, Infallible>(event), (admin, permit, session, false)))
         },
     );
     guarded(

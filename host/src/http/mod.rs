@@ -62,42 +62,11 @@ pub const MAX_HEAD_BYTES: usize = 64 << 10;
 /// Routes requests to the pools of web process types.
 pub type PoolRouter = Router<Arc<Pool<ProxyWorld>>>;
 
-/// Removes the dashboard's session cookie from a request's `Cookie`
-/// headers: a browser sends the cookies of a host name to all its ports,
-/// and no guest may see the operator's session.
-fn strip_dashboard_cookie(headers: &mut http::HeaderMap) {
-    let prefix = crate::admin::COOKIE_PREFIX;
-    let carries = |v: &http::HeaderValue| {
-        v.as_bytes()
-            .windows(prefix.len())
-            .any(|w| w == prefix.as_bytes())
-    };
-    if !headers.get_all(header::COOKIE).iter().any(carries) {
-        return;
-    }
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty() && !pair.starts_with(prefix))
-        .map(String::from)
-        .collect();
-    headers.remove(header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(value) = http::HeaderValue::from_str(&kept.join("; "))
-    {
-        headers.insert(header::COOKIE, value);
-    }
-}
-
 async fn dispatch(
     router: &PoolRouter,
-    mut request: http::Request<hyper::body::Incoming>,
+    request: http::Request<hyper::body::Incoming>,
     min_body_rate: u64,
 ) -> Served {
-    strip_dashboard_cookie(request.headers_mut());
     // RFC 9112 §3.2: a request with no Host, an empty one or several is
     // answered 400 (an absolute-form target carries its own authority).
     let mut hosts = request.headers().get_all(header::HOST).iter();
@@ -232,33 +201,5 @@ pub async fn serve(
     );
     if !connections.all_closed(grace).await {
         tracing::warn!("grace period over: dropping the remaining connections");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_dashboards_cookie_never_reaches_a_guest() {
-        let mut headers = http::HeaderMap::new();
-        headers.append(
-            header::COOKIE,
-            "a=1; wasmproc_ui_4000=secret; b=2".parse().unwrap(),
-        );
-        headers.append(header::COOKIE, "wasmproc_ui_1=x".parse().unwrap());
-        strip_dashboard_cookie(&mut headers);
-        let left: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
-        assert_eq!(left, ["a=1; b=2"]);
-
-        let mut only = http::HeaderMap::new();
-        only.insert(header::COOKIE, "wasmproc_ui_4000=secret".parse().unwrap());
-        strip_dashboard_cookie(&mut only);
-        assert!(only.get(header::COOKIE).is_none());
-
-        let mut other = http::HeaderMap::new();
-        other.insert(header::COOKIE, "session=abc".parse().unwrap());
-        strip_dashboard_cookie(&mut other);
-        assert_eq!(other[header::COOKIE], "session=abc");
     }
 }

@@ -3,10 +3,24 @@
 // host's running totals, so a missed snapshot costs nothing but a point.
 // Everything a guest can influence (failure details, message bodies, names)
 // is set as text, never as markup.
+//
+// The session comes from the login link's redirect, in the address's
+// fragment (#session=…), which the browser never sends anywhere; it moves
+// into this origin's storage at once, which no page of another origin can
+// read, and rides on every call in a header (the event stream, which cannot
+// send headers, in its query).
 "use strict";
 
+const SESSION_KEY = "wasmproc-session";
+if (location.hash.startsWith("#session=")) {
+  localStorage.setItem(SESSION_KEY, location.hash.slice("#session=".length));
+  window.history.replaceState(null, "", location.pathname);
+}
+let session = localStorage.getItem(SESSION_KEY);
+let events = null; // the EventSource, while connected
+
 const HISTORY = 60; // points per chart: a minute at one snapshot a second
-const history = new Map(); // process name -> {units: [], failures: [], last}
+const series = new Map(); // process name -> {units: [], failures: [], at, lastUnits, lastFailures}
 let lastLetters = null; // queue whose dead letters are shown
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -32,15 +46,30 @@ function showError(message) {
   showError.timer = setTimeout(() => (box.hidden = true), 6000);
 }
 
-// Admin API calls ride on the dashboard's cookie; the host checks that
-// they come from this page.
+// Shows how to get in, and nothing else.
+function lockOut() {
+  session = null;
+  localStorage.removeItem(SESSION_KEY);
+  if (events) events.close();
+  events = null;
+  $("#dashboard").hidden = true;
+  $("#logout").hidden = true;
+  $("#locked").hidden = false;
+  const live = $("#live");
+  live.textContent = "logged out";
+  live.classList.add("off");
+}
+
+// Admin API calls carry the session; the host also checks that they come
+// from this page's origin.
 async function call(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    body,
-    credentials: "same-origin",
-    headers: body ? { "content-type": "text/plain" } : {},
-  });
+  const headers = { "x-wasmproc-session": session || "" };
+  if (body) headers["content-type"] = "text/plain";
+  const response = await fetch(path, { method, body, headers, credentials: "omit" });
+  if (response.status === 401) {
+    lockOut();
+    throw new Error("the session has ended");
+  }
   const text = await response.text();
   let value = null;
   try {
@@ -151,7 +180,7 @@ function renderProcesses(snapshot) {
       root = card(p);
       list.append(root);
     }
-    const h = history.get(p.name) || { units: [], failures: [] };
+    const h = series.get(p.name) || { units: [], failures: [] };
     const seconds = h.at ? (snapshot.at_ms - h.at) / 1000 : 0;
     const unitsRate = rate(p.units, h.lastUnits, seconds);
     const failuresRate = rate(p.failures, h.lastFailures, seconds);
@@ -162,7 +191,7 @@ function renderProcesses(snapshot) {
       h.failures.splice(0, h.failures.length - HISTORY);
     }
     Object.assign(h, { at: snapshot.at_ms, lastUnits: p.units, lastFailures: p.failures });
-    history.set(p.name, h);
+    series.set(p.name, h);
 
     const set = (field, text) => ($(`[data-field="${field}"]`, root).textContent = text);
     const output = $('[data-field="scale"]', root);
@@ -292,8 +321,14 @@ function render(snapshot) {
 }
 
 function connect() {
+  if (!session) {
+    lockOut();
+    return;
+  }
+  $("#dashboard").hidden = false;
+  $("#logout").hidden = false;
   const live = $("#live");
-  const events = new EventSource("/ui/events");
+  events = new EventSource(`/ui/events?session=${encodeURIComponent(session)}`);
   events.addEventListener("snapshot", (event) => {
     live.textContent = "live";
     live.classList.remove("off");
@@ -302,7 +337,18 @@ function connect() {
   events.addEventListener("error", () => {
     live.textContent = "reconnecting…";
     live.classList.add("off");
+    // A stream that ends may mean the session did: ask once.
+    call("GET", "/ps").catch(() => {});
   });
 }
+
+$("#logout").addEventListener("click", async () => {
+  try {
+    await call("POST", "/ui/logout");
+  } catch {
+    // logged out either way
+  }
+  lockOut();
+});
 
 connect();

@@ -161,6 +161,32 @@ fn beyond_max_connections_new_connections_get_503_and_the_admin_api_still_answer
     }
 }
 
+#[test]
+fn an_admin_client_without_a_token_cannot_keep_a_connection() {
+    let host = Host::start(&attacked("", ""));
+    // Keep-alive requests, refused or probes: each answer closes its
+    // connection, so such a client cannot sit on the admin API's few.
+    for path in ["/ps", "/healthz", "/readyz"] {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        let mut stream = open_with(&host.admin, head.as_bytes());
+        let start = Instant::now();
+        let seen = read_to_close(&mut stream);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{path}: held open"
+        );
+        assert!(seen.contains("connection: close"), "{path}: {seen}");
+    }
+    // With the token, the connection stays for the next request.
+    let token = host.admin_token();
+    let head = format!(
+        "GET /ps HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\nGET /ps HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let mut stream = open_with(&host.admin, head.as_bytes());
+    let seen = read_to_close(&mut stream);
+    assert_eq!(seen.matches("HTTP/1.1 200").count(), 2, "{seen}");
+}
+
 /// The status of `GET path`, or 0 if the connection was refused or cut.
 fn request_status(addr: &str, path: &str) -> u16 {
     use std::io::Write as _;

@@ -176,9 +176,19 @@ async fn authorize(State(admin): State<Admin>, mut request: Request, next: Next)
                 Refusal::Token => StatusCode::UNAUTHORIZED,
                 Refusal::Browser | Refusal::Host | Refusal::Origin => StatusCode::FORBIDDEN,
             };
-            error(status, refusal.message())
+            closing(error(status, refusal.message()))
         }
     }
+}
+
+/// `response`, closing its connection after it: a client without a token
+/// (or a probe) does not keep one of the admin API's few connections.
+fn closing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// What a dashboard session may reach: what the dashboard shows and its
@@ -195,16 +205,16 @@ fn dashboard_may(path: &str) -> bool {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz() -> Response {
+    closing("ok\n".into_response())
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {
-    if admin.control.ready() {
+    closing(if admin.control.ready() {
         "ready\n".into_response()
     } else {
         error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    })
 }
 
 async fn not_found() -> Response {

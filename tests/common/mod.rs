@@ -471,8 +471,8 @@ impl Host {
 }
 
 /// Runs `examples/NAME/build.sh` once per test binary (a build script
-/// leaves an up-to-date component alone, so later binaries pay little) and
-/// returns the example's folder.
+/// leaves an up-to-date component alone, so later binaries pay little),
+/// compiles the example into the shared cache, and returns its folder.
 pub fn example(name: &str) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let folder = root().join("examples").join(name);
@@ -485,6 +485,23 @@ pub fn example(name: &str) -> PathBuf {
             .status()
             .expect("run the example's build.sh");
         assert!(status.success(), "building examples/{name} failed");
+        // Compile its components into the shared cache once, here, under
+        // the lock: hosts that several tests start at once would each
+        // compile 12-18 MiB components at the same time otherwise, on a
+        // machine's few cores, and outlast their deadlines.
+        let out = wasmproc()
+            .arg("check")
+            .arg("--cache-dir")
+            .arg(shared_cache())
+            .arg(folder.join("formation.toml"))
+            .env("PORT", "0")
+            .output()
+            .expect("run wasmproc check");
+        assert!(
+            out.status.success(),
+            "wasmproc check examples/{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         built.push(name.to_string());
     }
     folder

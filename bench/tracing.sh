@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What tracing costs: the `hello` component served by wasmproc (fresh
-# instance per request, and reuse) with tracing off, and on — every request
-# a span, exported over OTLP/HTTP to a local sink that answers 200 and
-# counts the bytes. The two take turns for ROUNDS rounds; the ratios are of
+# instance per request, and reuse) with tracing off, on with every request
+# sampled, and on with 1% sampled (parentbased_traceidratio), exported over
+# OTLP/HTTP to a local sink that answers 200. The two take turns for ROUNDS rounds; the ratios are of
 # medians.
 #
 #   bench/tracing.sh                # 5 rounds of wrk -t2 -c64 -d10s each
@@ -30,14 +30,11 @@ wasmproc="$root/target/release/wasmproc"
 
 # The OTLP sink: answers every export 200 (an empty ExportTraceServiceResponse).
 cat >"$work/sink.py" <<'PY'
-import http.server, sys
+import http.server
 class Sink(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    received = 0
     def do_POST(self):
-        n = int(self.headers.get("content-length", 0))
-        self.rfile.read(n)
-        Sink.received += n
+        self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.send_header("content-length", "0")
@@ -46,12 +43,9 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
 print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
-try:
-    server.serve_forever()
-finally:
-    print(f"received {Sink.received} bytes", file=sys.stderr, flush=True)
+server.serve_forever()
 PY
-python3 "$work/sink.py" >"$work/sink.addr" 2>"$work/sink.log" &
+python3 "$work/sink.py" >"$work/sink.addr" &
 pids+=("$!")
 for _ in $(seq 1 100); do [ -s "$work/sink.addr" ] && break; sleep 0.05; done
 sink=$(cat "$work/sink.addr")
@@ -109,6 +103,9 @@ for round in $(seq 1 "$ROUNDS"); do
     measure "$kind, tracing off"
     start "$work/on.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink"
     measure "$kind, tracing on (every request)"
+    start "$work/sampled.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink" \
+      OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
+    measure "$kind, tracing on (1% sampled)"
   done
 done
 
@@ -118,9 +115,7 @@ echo "medians of $ROUNDS rounds:"
 for kind in fresh reuse; do
   off=$(echo "${RPS[$kind, tracing off]}" | median)
   on=$(echo "${RPS[$kind, tracing on (every request)]}" | median)
-  awk -v k="$kind" -v off="$off" -v on="$on" 'BEGIN {
-    printf "%-6s off %10.0f req/s   on %10.0f req/s   on/off %.2f\n", k, off, on, on / off }'
+  sampled=$(echo "${RPS[$kind, tracing on (1% sampled)]}" | median)
+  awk -v k="$kind" -v off="$off" -v on="$on" -v s="$sampled" 'BEGIN {
+    printf "%-6s off %8.0f req/s   on %8.0f (%.2f×)   1%% sampled %8.0f (%.2f×)\n", k, off, on, on / off, s, s / off }'
 done
-kill "${pids[0]}" 2>/dev/null || true
-sleep 0.2
-cat "$work/sink.log"

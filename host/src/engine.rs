@@ -70,8 +70,10 @@ use crate::formation::ProcessType;
 
 /// How often the epoch ticker advances the engine's epoch. Timeouts are
 /// enforced to this precision, and a busy guest yields to other tasks this
-/// often.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// often: short, so a type whose guests compute cannot hold the async
+/// workers in long slices while a bystander's requests wait (see
+/// `bench/bystander.sh`).
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// Address space the pool may reserve for linear memories before wasmproc
 /// stops giving each memory a 4 GiB reservation (which lets compiled code

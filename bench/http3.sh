@@ -45,7 +45,7 @@ start() {
   local pid=$!
   pids+=("$pid")
   for _ in $(seq 1 600); do
-    addr=$(grep -v "admin API" "$log" | grep -o 'http://[0-9.]*:[0-9]*' | head -n1 || true)
+    addr=$(grep -v "admin API\|dashboard" "$log" | grep -o 'http://[0-9.]*:[0-9]*' | head -n1 || true)
     [ -n "$addr" ] && break
     sleep 0.05
   done

@@ -82,8 +82,16 @@ fn traces_wanted() -> bool {
 pub fn init(format: LogFormat, level: &str) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| anyhow::anyhow!("invalid `--log-level` `{level}`: {e}"))?;
-    // Logs are events only: spans are for the trace exporter.
-    let logs = tracing_subscriber::filter::filter_fn(|meta| meta.is_event()).and(filter);
+    // Logs are events only: spans are for the trace exporter. The hint
+    // keeps the filter's most verbose level known, so `log` records below
+    // it (wasmtime writes many at debug and trace level) are dropped where
+    // they are made instead of each being built and filtered.
+    let most = filter
+        .max_level_hint()
+        .unwrap_or(tracing::level_filters::LevelFilter::TRACE);
+    let logs = tracing_subscriber::filter::filter_fn(|meta| meta.is_event())
+        .with_max_level_hint(most)
+        .and(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stdout)
         .with_target(false);

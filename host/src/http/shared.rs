@@ -140,6 +140,9 @@ impl Shared {
             failure: watch::Sender::new(None),
         });
         self.lock().push(seats.clone());
+        // Requests that found no seat while this slot was being leased
+        // wait for a change: this instance has seats for them.
+        self.changed.notify_waiters();
         tokio::spawn(host(pool.clone(), lease, seats.clone(), queue));
         seats
     }

@@ -72,6 +72,29 @@ fn a_trap_fails_the_delivery_and_the_message_comes_back() {
 }
 
 #[test]
+fn dead_letters_are_listed_up_to_a_limit_and_a_bad_limit_is_a_clear_error() {
+    let host = Host::start(&web_and_worker("", ""));
+    for tag in ["l1", "l2", "l3"] {
+        assert_eq!(host.enqueue("jobs", &format!("reject:{tag}")).status, 202);
+    }
+    host.wait_until("three dead letters", |log| {
+        log.iter()
+            .filter(|l| l.contains("message rejected: dead-lettered"))
+            .count()
+            == 3
+    });
+    let two = host.admin_request("GET", "/queues/jobs/dead-letters?limit=2", None);
+    assert_eq!(two.status, 200, "{two:?}");
+    let letters: Vec<serde_json::Value> = serde_json::from_str(&two.body).unwrap();
+    assert_eq!(letters.len(), 2);
+    let bad = host.admin_request("GET", "/queues/jobs/dead-letters?limit=many", None);
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let error: serde_json::Value = serde_json::from_str(&bad.body).unwrap();
+    let message = error["error"].as_str().unwrap();
+    assert!(message.contains("limit"), "{message}");
+}
+
+#[test]
 fn rejected_and_exhausted_messages_are_dead_lettered_listed_and_replayed() {
     let mut host = Host::start(&web_and_worker("", ""));
     assert_eq!(host.enqueue("jobs", "reject:x1").status, 202);

@@ -2,12 +2,14 @@
 //! key-value store. Every handler here runs behind the guard.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
+use http::request::Parts;
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt as _, Limited};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use super::{Admin, ApiError, json};
 
@@ -60,6 +62,21 @@ fn queue_error(e: &QueueError) -> ApiError {
     match e {
         QueueError::Full { .. } => error.retry_after(QUEUE_FULL_RETRY_AFTER),
         _ => error,
+    }
+}
+
+/// A route's query parameters; a malformed one is a JSON 400 like every
+/// other admin error, saying which parameter and what was expected.
+pub(super) struct Params<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(params)| Params(params))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
     }
 }
 
@@ -146,7 +163,7 @@ pub(super) struct EnqueueQuery {
 pub(super) async fn enqueue(
     State(admin): State<Admin>,
     Path(queue): Path<String>,
-    Query(query): Query<EnqueueQuery>,
+    Params(query): Params<EnqueueQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Answer {
@@ -234,7 +251,7 @@ pub(super) struct LettersQuery {
 pub(super) async fn dead_letters(
     State(admin): State<Admin>,
     Path(queue): Path<String>,
-    Query(query): Query<LettersQuery>,
+    Params(query): Params<LettersQuery>,
 ) -> Answer {
     let queues = known(&admin, &queue)?;
     let mut letters = queues
@@ -257,7 +274,7 @@ pub(super) struct ReplayQuery {
 pub(super) async fn replay(
     State(admin): State<Admin>,
     Path(queue): Path<String>,
-    Query(query): Query<ReplayQuery>,
+    Params(query): Params<ReplayQuery>,
 ) -> Answer {
     let queues = known(&admin, &queue)?;
     let ids: Vec<String> = query
@@ -303,7 +320,7 @@ pub(super) struct ListQuery {
 pub(super) async fn kv_list(
     State(admin): State<Admin>,
     Path(name): Path<String>,
-    Query(query): Query<ListQuery>,
+    Params(query): Params<ListQuery>,
 ) -> Answer {
     let (store, name) = bucket(&admin, &name)?;
     let (keys, cursor) = store

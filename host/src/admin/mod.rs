@@ -77,8 +77,6 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 struct Admin {
     control: Arc<Control>,
     keys: Arc<Keys>,
-    /// Whether the listener is on a loopback address.
-    loopback: bool,
     /// The listener's address, for links to the dashboard.
     addr: std::net::SocketAddr,
     /// What the dashboard calls this host (the formation file).
@@ -87,6 +85,13 @@ struct Admin {
     streams: Arc<Semaphore>,
     /// Turns true when the host stops: event streams end.
     stopping: watch::Receiver<bool>,
+}
+
+impl Admin {
+    /// Whether the listener is on a loopback address.
+    fn loopback(&self) -> bool {
+        self.addr.ip().is_loopback()
+    }
 }
 
 /// A JSON answer.
@@ -159,7 +164,7 @@ async fn authorize(State(admin): State<Admin>, mut request: Request, next: Next)
         request.method(),
         request.headers(),
         query_session(&request),
-        admin.loopback,
+        admin.loopback(),
     );
     match checked {
         Ok(Caller::Operator) => next.run(request).await,
@@ -274,7 +279,6 @@ pub async fn serve(
     let admin = Admin {
         control,
         keys,
-        loopback: addr.ip().is_loopback(),
         addr,
         title: title.into(),
         streams: Arc::new(Semaphore::new(ui::MAX_STREAMS)),

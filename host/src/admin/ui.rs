@@ -140,7 +140,7 @@ async fn login(
     Query(login): Query<Login>,
     headers: HeaderMap,
 ) -> Response {
-    if !local_request(&headers, admin.loopback) {
+    if !local_request(&headers, admin.loopback()) {
         return error(
             StatusCode::FORBIDDEN,
             "the Host header must be the admin API's IP address or localhost",

@@ -14,6 +14,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+source "$root/bench/lib.sh"
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
@@ -45,7 +46,7 @@ start() {
   local pid=$!
   pids+=("$pid")
   for _ in $(seq 1 600); do
-    addr=$(grep -v "admin API\|dashboard" "$log" | grep -o 'http://[0-9.]*:[0-9]*' | head -n1 || true)
+    addr=$(served_at "$log")
     [ -n "$addr" ] && break
     sleep 0.05
   done
@@ -107,7 +108,6 @@ for round in $(seq 1 "$ROUNDS"); do
   measure "$DEFAULTS"
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 declare -A MED
 echo
 echo "medians of $ROUNDS rounds:"

@@ -23,6 +23,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+source "$root/bench/lib.sh"
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-16}
 THREADS=${THREADS:-2}
@@ -129,7 +130,6 @@ load() { # load NAME
   P99[$1]="${P99[$1]:-} $p99"
   printf '  %-36s %10s req/s   p99 %-9s %s\n' "$1" "$rps" "$p99" "$errors"
 }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB; wrk -t$THREADS -c$CONNECTIONS -d$DURATION; $ROUNDS rounds"
 for lang in javascript python; do

@@ -12,6 +12,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+source "$root/bench/lib.sh"
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
@@ -57,7 +58,7 @@ start() { # start LOG ENV...: runs wasmproc with $formation, waits for its addre
   pids+=("$server_pid")
   addr=""
   for _ in $(seq 1 600); do
-    addr=$(grep -v "admin API\|dashboard" "$log" | grep -o 'http://[0-9.]*:[0-9]*' | head -n1 || true)
+    addr=$(served_at "$log")
     [ -n "$addr" ] && break
     sleep 0.05
   done
@@ -109,7 +110,6 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 echo
 echo "medians of $ROUNDS rounds:"
 for kind in fresh reuse; do

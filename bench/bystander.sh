@@ -8,6 +8,7 @@
 #
 #   bench/bystander.sh                 # wrk -t1 -c32 -d10s per attack
 #   DURATION=5s bench/bystander.sh
+#   CPU=0.5 bench/bystander.sh         # the attacked type under `limits.cpu = 0.5`
 #
 # Needs wrk and python3. The attackers share the machine's cores with the
 # host and wrk, so part of every drop is plain CPU sharing, not leakage.
@@ -15,6 +16,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 DURATION=${DURATION:-10s}
+CPU=${CPU:-}
 CONNECTIONS=${CONNECTIONS:-32}
 work=$(mktemp -d)
 pids=()
@@ -57,7 +59,7 @@ kind = "web"
 component = "$(guest testbed)"
 routes = ["/"]
 scale = 8
-limits = { memory = "16MiB", timeout = "1s" }
+limits = { memory = "16MiB", timeout = "1s"${CPU:+, cpu = $CPU} }
 allow_outbound = ["127.0.0.1:$sink_port"]
 
 [process.hello]
@@ -113,7 +115,7 @@ measure() { # measure NAME
   stop_attack
 }
 
-echo "machine: $(nproc) cores; bystander: wrk -t1 -c$CONNECTIONS -d$DURATION on /hello"
+echo "machine: $(nproc) cores; bystander: wrk -t1 -c$CONNECTIONS -d$DURATION on /hello; attacked type's limits.cpu: ${CPU:-none}"
 measure "no attack (baseline)"
 for _ in 1 2 3 4; do loop "/loop"; done
 measure "4 clients looping on a CPU-bound guest"

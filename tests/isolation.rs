@@ -502,3 +502,47 @@ fn the_cli_sends_the_token_named_by_token_env_to_an_explicit_address() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_type_under_a_cpu_limit_sleeps_to_stay_within_it_while_others_answer() {
+    // `testbed` may compute on a tenth of a core; two of its guests spin
+    // until their deadline.
+    let host = Host::start(&attacked(
+        "",
+        "scale = 4\nlimits = { timeout = \"1s\", cpu = 0.1 }",
+    ));
+    let spinning: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = host.addr.clone();
+            std::thread::spawn(move || request(&addr, "GET", "/loop", None, None))
+        })
+        .collect();
+    // The bystander answers meanwhile.
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert_eq!(host.get("/hello").status, 200);
+    }
+    for spin in spinning {
+        let reply = spin.join().unwrap();
+        assert_eq!(reply.status, 504, "{reply:?}");
+        assert_eq!(reply.body, "`testbed` did not answer within 1s\n");
+    }
+    // Each spun for a second at a tenth of a core: most of it asleep (two
+    // guests sharing 0.1 core for 1 s compute 0.1 s between them).
+    let text = host.metrics();
+    let slept = |process: &str| {
+        common::metric(
+            &text,
+            "wasmproc_cpu_throttled_seconds_total",
+            &[&format!("process=\"{process}\"")],
+        )
+    };
+    assert!(
+        slept("testbed") > 1.2,
+        "slept {} s\n{text}",
+        slept("testbed")
+    );
+    assert_eq!(slept("hello"), 0.0);
+    // The type serves again once the spinners are gone.
+    assert_eq!(host.get("/").status, 200);
+}

@@ -101,6 +101,11 @@ pub fn registry(pools: &BTreeMap<String, Arc<dyn ProcessPool>>, cache: &CompileC
             "Messages moved to the dead-letter queue",
             s.dead_lettered.clone(),
         );
+        sub.register(
+            "cpu_throttled_seconds",
+            "Seconds the type's guests slept to stay within limits.cpu",
+            s.cpu_throttled_seconds.clone(),
+        );
     }
     registry
 }

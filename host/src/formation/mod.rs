@@ -107,6 +107,8 @@ pub const MAX_CONNECTIONS: u32 = 65_536;
 pub const DEFAULT_LOG_RATE: u32 = 100;
 /// Most `limits.log_rate`.
 pub const MAX_LOG_RATE: u32 = 1_000_000;
+/// Fewest and most thousandths of a core `limits.cpu` may grant.
+pub const CPU_MILLICORES_BOUNDS: (u32, u32) = (10, 1_024_000);
 /// Where the embedded queue keeps its data, relative to the formation file.
 pub const DEFAULT_QUEUE_PATH: &str = ".wasmproc/queue";
 /// Largest message body accepted by `enqueue`, when `[queue] max_message` is absent.
@@ -480,6 +482,9 @@ pub struct Limits {
     pub type_connections: u32,
     /// Lines per second the instance may log (burst: ten seconds' worth).
     pub log_rate: u32,
+    /// Thousandths of a core the type's instances may compute on together
+    /// (`limits.cpu = 0.5` is 500); `None`: no limit.
+    pub cpu_millicores: Option<u32>,
 }
 
 /// One HTTP route: an optional host and a path prefix.

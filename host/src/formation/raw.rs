@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::values::{ByteSize, HumanDuration, Lenient, ScaleSpec};
+use super::values::{ByteSize, Cores, HumanDuration, Lenient, ScaleSpec};
 use super::*;
 
 /// `[http]`
@@ -417,6 +417,7 @@ pub(super) struct RawLimits {
     connections: Option<Spanned<u32>>,
     type_connections: Option<Spanned<u32>>,
     log_rate: Option<Spanned<u32>>,
+    cpu: Option<Spanned<Cores>>,
 }
 
 /// The value of a [`Lenient`] field, reporting its error if it has one.
@@ -896,8 +897,29 @@ impl RawLimits {
                 "limits.log_rate",
                 problems,
             ),
+            cpu_millicores: self.cpu.as_ref().map(|cpu| cores(cpu, problems)),
         }
     }
+}
+
+/// `limits.cpu`, a number of cores (`0.5`, `2`), in thousandths of a core.
+fn cores(value: &Spanned<Cores>, problems: &mut Problems) -> u32 {
+    let (min, max) = CPU_MILLICORES_BOUNDS;
+    let Cores(cores) = *value.get_ref();
+    let millicores = (cores * 1000.0).round();
+    if !(f64::from(min)..=f64::from(max)).contains(&millicores) {
+        problems.at(
+            value.span(),
+            format!(
+                "`limits.cpu` is {cores}: expected a number of cores from {} to {} (0.5 is half a core)",
+                f64::from(min) / 1000.0,
+                max / 1000
+            ),
+        );
+        return max;
+    }
+    // In bounds, so it fits.
+    millicores as u32
 }
 
 /// A duration within `bounds` (or `default` when absent); the message

@@ -80,3 +80,23 @@ fn errors_print_file_line_column_and_a_caret() {
     );
     assert!(text.contains("4 | scale = 0\n  |         ^\n"), "{text}");
 }
+
+#[test]
+fn limits_cpu_is_cores_in_thousandths() {
+    let cpu = |value: &str| {
+        let text = format!(
+            "[process.web]\nkind = \"web\"\ncomponent = \"w.wasm\"\nlimits = {{ cpu = {value} }}\n"
+        );
+        parse(&text).map(|f| f.processes[0].limits.cpu_millicores)
+    };
+    assert_eq!(cpu("0.5").unwrap(), Some(500));
+    assert_eq!(cpu("2").unwrap(), Some(2000));
+    assert_eq!(cpu("0.01").unwrap(), Some(10));
+    let error = cpu("0.001").unwrap_err().to_string();
+    assert!(
+        error.contains("`limits.cpu` is 0.001: expected a number of cores from 0.01 to 1024"),
+        "{error}"
+    );
+    let plain = parse("[process.web]\nkind = \"web\"\ncomponent = \"w.wasm\"\n").unwrap();
+    assert_eq!(plain.processes[0].limits.cpu_millicores, None);
+}

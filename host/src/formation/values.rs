@@ -1,5 +1,6 @@
 //! Value types of the formation file that accept a human form: sizes
-//! (`"64MiB"` or a number of bytes) and durations (`"10s"`, `"1m 30s"`).
+//! (`"64MiB"` or a number of bytes), durations (`"10s"`, `"1m 30s"`) and
+//! cores (`0.5`, `2`).
 //! A bad value fails inside the deserializer, so its error carries the
 //! value's line and column.
 
@@ -85,6 +86,32 @@ impl<'de> de::Deserialize<'de> for HumanDuration {
             }
         }
         deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+/// A number of cores, written `0.5` or `2`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cores(pub f64);
+
+impl<'de> de::Deserialize<'de> for Cores {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CoresVisitor;
+        impl Visitor<'_> for CoresVisitor {
+            type Value = Cores;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of cores such as 0.5 or 2")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Cores, E> {
+                Ok(Cores(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Cores, E> {
+                Ok(Cores(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Cores, E> {
+                Ok(Cores(v as f64))
+            }
+        }
+        deserializer.deserialize_any(CoresVisitor)
     }
 }
 

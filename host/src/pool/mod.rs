@@ -57,6 +57,7 @@
 //!
 //! [`EPOCH_TICK`]: crate::engine::EPOCH_TICK
 
+mod cpu;
 mod failure;
 pub mod slots;
 mod stats;
@@ -85,6 +86,7 @@ use crate::instance::{Grants, InstanceState};
 use crate::keyvalue::KeyValue;
 use crate::queue::Queues;
 use crate::telemetry;
+use cpu::CpuShare;
 use failure::classify;
 use slots::{Returned, Slot, Slots, Warm};
 use supervisor::Supervisor;
@@ -174,6 +176,8 @@ pub struct Pool<W: World> {
     generation: AtomicU64,
     grants: Arc<Grants>,
     fuel_metered: bool,
+    /// The type's share of the cores, under `limits.cpu`.
+    cpu: Option<Arc<CpuShare>>,
     /// One permit per idle slot.
     free: Semaphore,
     slots: Mutex<Slots<Live<W::Exports>>>,
@@ -302,6 +306,10 @@ impl<W: World> Pool<W> {
             parts.queues.cloned(),
             parts.keyvalue.cloned(),
         ));
+        let cpu = process
+            .limits
+            .cpu_millicores
+            .map(|m| Arc::new(CpuShare::new(m)));
         let pool = Pool {
             slots: Mutex::new(Slots::new(&process.name)),
             free: Semaphore::new(0),
@@ -312,6 +320,7 @@ impl<W: World> Pool<W> {
             role,
             grants,
             fuel_metered: parts.fuel_metered,
+            cpu,
             supervisor: Supervisor::default(),
             state: W::State::default(),
             stats: Stats::default(),
@@ -585,12 +594,34 @@ impl<W: World> Pool<W> {
         let state = InstanceState::new(&self.grants, name);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
-        store.epoch_deadline_callback(|ctx| {
-            Ok(if Instant::now() >= ctx.data().deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
+        let cpu = self.cpu.clone();
+        let throttled = self.stats.cpu_throttled_seconds.clone();
+        store.epoch_deadline_callback(move |mut ctx| {
+            let now = Instant::now();
+            let state = ctx.data_mut();
+            if now >= state.deadline {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            let Some(cpu) = &cpu else {
+                return Ok(UpdateDeadline::Yield(1));
+            };
+            // See `cpu`: charge what it computed since it resumed, and
+            // sleep (never past the deadline) if the type is ahead.
+            let ran = state
+                .resumed
+                .map_or(EPOCH_TICK, |r| now.saturating_duration_since(r));
+            let wait = cpu
+                .charge(now, ran)
+                .min(state.deadline.saturating_duration_since(now));
+            state.resumed = Some(now + wait);
+            if wait.is_zero() {
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            throttled.inc_by(wait.as_secs_f64());
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::time::sleep(wait)),
+            ))
         });
         self.arm(&mut store);
         let exports =
@@ -613,6 +644,7 @@ impl<W: World> Pool<W> {
     pub(crate) fn arm(&self, store: &mut Store<InstanceState>) {
         let state = store.data_mut();
         state.deadline = Instant::now() + self.process.limits.timeout;
+        state.resumed = None;
         state.memory_exceeded = false;
         store.set_epoch_deadline(1);
         if self.fuel_metered {

@@ -45,6 +45,8 @@ pub struct Stats {
     pub dead_lettered: Counter,
     /// Idle instances (set by the sampler).
     pub idle: Gauge,
+    /// Seconds guests slept to keep the type within `limits.cpu`.
+    pub cpu_throttled_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// The last failed units, newest last, for the dashboard.
     recent: Arc<Mutex<VecDeque<RecentFailure>>>,
 }
@@ -87,6 +89,7 @@ impl Default for Stats {
             queue_age_seconds: Gauge::default(),
             dead_lettered: Counter::default(),
             idle: Gauge::default(),
+            cpu_throttled_seconds: Counter::default(),
             recent: Arc::default(),
         }
     }

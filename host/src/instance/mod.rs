@@ -51,9 +51,9 @@ pub struct InstanceState {
     pub memory_exceeded: bool,
     /// When the current unit must end; checked on every epoch tick.
     pub deadline: Instant,
-    /// When the guest last resumed computing after a stop at a tick under
-    /// `limits.cpu`; `None` at the start of a unit.
-    pub resumed: Option<Instant>,
+    /// When the current unit began, or the guest last resumed after a stop
+    /// at a tick under `limits.cpu`: what it is charged from.
+    pub resumed: Instant,
     instance: Arc<str>,
     grants: Arc<Grants>,
     /// Warnings the guest causes (denied enqueues), at most a few a second.
@@ -117,7 +117,7 @@ impl InstanceState {
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
             deadline: Instant::now(),
-            resumed: None,
+            resumed: Instant::now(),
             instance: instance.clone(),
             grants: grants.clone(),
             warnings: Throttle::per_second(WARNINGS_PER_SECOND),

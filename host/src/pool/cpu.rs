@@ -7,7 +7,8 @@
 //! Computing guests already stop at every epoch tick
 //! ([`crate::engine::EPOCH_TICK`]) for the deadline check; that is where
 //! the limit acts. Each stop charges the type for the time the guest ran
-//! since it last resumed (at most one tick) against a shared schedule — a
+//! since its unit began or it last resumed (at most one tick) against a
+//! shared schedule — a
 //! generic cell rate algorithm: one core's worth of time passes per
 //! `1 / cores` of real time — and when the type is ahead of its share, the
 //! guest sleeps (off the executor, taking no thread) until it is back on
@@ -17,8 +18,8 @@
 //! Invariants:
 //! - a guest never sleeps past its unit's deadline: it is interrupted at
 //!   its next tick after it, as without a limit;
-//! - only computing that lasts past a tick is charged: a request that
-//!   answers within one tick (most do) is neither charged nor slowed;
+//! - only a guest running when a tick comes is charged: a request that
+//!   answers between two ticks (most do) is neither charged nor slowed;
 //! - sleeping guests hold their slot (as a guest waiting on I/O does), not
 //!   a thread.
 

@@ -605,15 +605,14 @@ impl<W: World> Pool<W> {
             let Some(cpu) = &cpu else {
                 return Ok(UpdateDeadline::Yield(1));
             };
-            // See `cpu`: charge what it computed since it resumed, and
-            // sleep (never past the deadline) if the type is ahead.
-            let ran = state
-                .resumed
-                .map_or(EPOCH_TICK, |r| now.saturating_duration_since(r));
+            // See `cpu`: charge what it computed since it began or last
+            // resumed, and sleep (never past the deadline) if the type is
+            // ahead.
+            let ran = now.saturating_duration_since(state.resumed);
             let wait = cpu
                 .charge(now, ran)
                 .min(state.deadline.saturating_duration_since(now));
-            state.resumed = Some(now + wait);
+            state.resumed = now + wait;
             if wait.is_zero() {
                 return Ok(UpdateDeadline::Yield(1));
             }
@@ -643,8 +642,9 @@ impl<W: World> Pool<W> {
     /// Resets the per-unit budgets of a store: deadline, fuel, memory flag.
     pub(crate) fn arm(&self, store: &mut Store<InstanceState>) {
         let state = store.data_mut();
-        state.deadline = Instant::now() + self.process.limits.timeout;
-        state.resumed = None;
+        let now = Instant::now();
+        state.deadline = now + self.process.limits.timeout;
+        state.resumed = now;
         state.memory_exceeded = false;
         store.set_epoch_deadline(1);
         if self.fuel_metered {

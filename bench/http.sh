@@ -43,23 +43,6 @@ cargo build --quiet --release --manifest-path bench/native-hello/Cargo.toml --ta
 hello="$root/guests/target/wasm32-wasip2/release/hello.wasm"
 wasmproc="$root/target/release/wasmproc"
 
-# start NAME LOG CMD...: runs CMD in the background, waits for its address.
-start() {
-  local name=$1 log=$2; shift 2
-  "$@" >"$log" 2>&1 &
-  local pid=$!
-  pids+=("$pid")
-  for _ in $(seq 1 600); do
-    addr=$(served_at "$log")
-    [ -n "$addr" ] && break
-    sleep 0.05
-  done
-  [ -n "$addr" ] || { echo "$name did not start:" >&2; cat "$log" >&2; exit 1; }
-  # wait until it answers
-  for _ in $(seq 1 600); do curl -sf "$addr/" >/dev/null && break; sleep 0.05; done
-  server_pid=$pid
-}
-
 # measure NAME: loads $addr with wrk; records req/s, p99 and peak RSS of $server_pid.
 declare -A RPS P99
 measure() {

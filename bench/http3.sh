@@ -3,8 +3,10 @@
 # served by wasmproc — a fresh instance per request, reuse, and one instance
 # per core serving up to 64 requests at once (`concurrency = 64`) — and by
 # `wasmtime serve -Sp3` 48 with its defaults (instances reused up to 128 times,
-# 16 requests at once each). The servers take turns for ROUNDS rounds; the
-# ratios are of medians.
+# 16 requests at once each) and with a fresh instance per request
+# (`--max-instance-reuse-count 1`, the like-for-like twin of wasmproc's
+# default). The servers take turns for ROUNDS rounds; the ratios are of
+# medians.
 #
 #   bench/http3.sh               # 5 rounds of wrk -t2 -c64 -d10s per server
 #   ROUNDS=3 DURATION=5s bench/http3.sh
@@ -39,23 +41,6 @@ cargo build --quiet --release
 guests/build.sh hello3
 hello="$root/guests/target/wasm32-wasip2/release/hello3.wasm"
 wasmproc="$root/target/release/wasmproc"
-# start NAME LOG CMD...: runs CMD in the background, waits for its address.
-start() {
-  local name=$1 log=$2; shift 2
-  "$@" >"$log" 2>&1 &
-  local pid=$!
-  pids+=("$pid")
-  for _ in $(seq 1 600); do
-    addr=$(served_at "$log")
-    [ -n "$addr" ] && break
-    sleep 0.05
-  done
-  [ -n "$addr" ] || { echo "$name did not start:" >&2; cat "$log" >&2; exit 1; }
-  # wait until it answers
-  for _ in $(seq 1 600); do curl -sf "$addr/" >/dev/null && break; sleep 0.05; done
-  server_pid=$pid
-}
-
 # measure NAME: loads $addr with wrk; records req/s, p99 and peak RSS of $server_pid.
 declare -A RPS P99
 measure() {
@@ -96,6 +81,7 @@ FRESH="wasmproc 0.3 (fresh per request)"
 REUSE="wasmproc 0.3 (reuse = 1000)"
 SHARED="wasmproc 0.3 (concurrency = 64)"
 DEFAULTS="wasmtime serve -Sp3 (defaults)"
+WFRESH="wasmtime serve -Sp3 (fresh per request)"
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round"
   start wasmproc "$work/fresh.log" "$wasmproc" run --log-level "$quiet" --cache-dir "$work/cache" "$ff"
@@ -106,12 +92,15 @@ for round in $(seq 1 "$ROUNDS"); do
   measure "$SHARED"
   start wasmtime "$work/wasmtime.log" "$wasmtime" serve -Sp3 -Scli --addr 127.0.0.1:0 "$hello"
   measure "$DEFAULTS"
+  start wasmtime "$work/wasmtime-fresh.log" "$wasmtime" serve -Sp3 -Scli --addr 127.0.0.1:0 \
+    --max-instance-reuse-count 1 "$hello"
+  measure "$WFRESH"
 done
 
 declare -A MED
 echo
 echo "medians of $ROUNDS rounds:"
-for name in "$FRESH" "$REUSE" "$SHARED" "$DEFAULTS"; do
+for name in "$FRESH" "$REUSE" "$SHARED" "$DEFAULTS" "$WFRESH"; do
   MED[$name]=$(echo "${RPS[$name]}" | median)
   printf '%-34s %12s req/s   p99 %s\n' "$name" "${MED[$name]}" "$(echo "${P99[$name]}" | tr ' ' '\n' | grep -v '^$' | tr '\n' ' ')"
 done
@@ -119,6 +108,7 @@ ratio() {
   awk -v a="${MED[$1]}" -v b="${MED[$2]}" 'BEGIN { if (b <= 0) { print "n/a"; exit } printf "%.2f×\n", a / b }'
 }
 echo
+echo "wasmproc 0.3 fresh / wasmtime serve -Sp3 fresh:          $(ratio "$FRESH" "$WFRESH")"
 echo "wasmproc 0.3 fresh / wasmtime serve -Sp3 defaults:       $(ratio "$FRESH" "$DEFAULTS")"
 echo "wasmproc 0.3 reuse / wasmtime serve -Sp3 defaults:       $(ratio "$REUSE" "$DEFAULTS")"
 echo "wasmproc 0.3 concurrency 64 / wasmtime serve -Sp3:       $(ratio "$SHARED" "$DEFAULTS")"

@@ -51,19 +51,10 @@ pids+=("$!")
 for _ in $(seq 1 100); do [ -s "$work/sink.addr" ] && break; sleep 0.05; done
 sink=$(cat "$work/sink.addr")
 
-start() { # start LOG ENV...: runs wasmproc with $formation, waits for its address
+serve() { # serve LOG ENV...: runs wasmproc with $formation and ENV (see `start`)
   local log=$1; shift
-  env "$@" "$wasmproc" run --log-level "warn,wasmproc::run=info" --cache-dir "$work/cache" "$formation" >"$log" 2>&1 &
-  server_pid=$!
-  pids+=("$server_pid")
-  addr=""
-  for _ in $(seq 1 600); do
-    addr=$(served_at "$log")
-    [ -n "$addr" ] && break
-    sleep 0.05
-  done
-  [ -n "$addr" ] || { echo "wasmproc did not start:" >&2; cat "$log" >&2; exit 1; }
-  for _ in $(seq 1 600); do curl -sf "$addr/" >/dev/null && break; sleep 0.05; done
+  start wasmproc "$log" env "$@" "$wasmproc" run --log-level "warn,wasmproc::run=info" \
+    --cache-dir "$work/cache" "$formation"
 }
 
 declare -A RPS
@@ -100,11 +91,11 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round"
   for kind in fresh reuse; do
     formation=${!kind}
-    start "$work/off.log" OTEL_SDK_DISABLED=false
+    serve "$work/off.log" OTEL_SDK_DISABLED=false
     measure "$kind, tracing off"
-    start "$work/on.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink"
+    serve "$work/on.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink"
     measure "$kind, tracing on (every request)"
-    start "$work/sampled.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink" \
+    serve "$work/sampled.log" OTEL_EXPORTER_OTLP_ENDPOINT="$sink" \
       OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
     measure "$kind, tracing on (1% sampled)"
   done

@@ -209,7 +209,25 @@ struct FormationArgs {
     cache_dir: Option<PathBuf>,
 }
 
+/// Sets `RUST_LIB_BACKTRACE=0` unless it is set, so that `RUST_BACKTRACE=1`
+/// (common in container images) keeps backtraces for panics but no error
+/// captures one. wasmproc never prints an error's backtrace, and wasmtime 48
+/// makes an error each time a WASI 0.3 store is dropped with a guest fiber
+/// still parked — with backtraces captured, a fresh 0.3 instance per request
+/// loses up to a third of its throughput (`bench/README.md`).
+fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread
+        // exists, so nothing can read the environment meanwhile.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("RUST_LIB_BACKTRACE", "0");
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_library_backtraces();
     let cli = Cli::parse();
     // Kept until the end: dropping it flushes the last spans.
     let _telemetry = match telemetry::init(cli.log_format, &cli.log_level) {

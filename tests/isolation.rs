@@ -503,21 +503,64 @@ fn the_cli_sends_the_token_named_by_token_env_to_an_explicit_address() {
     );
 }
 
+/// Seconds `process`'s guests slept under `limits.cpu`, from `/metrics`
+/// (the series must be there, even at 0).
+fn throttled(host: &Host, process: &str) -> f64 {
+    let text = host.metrics();
+    let series = format!("wasmproc_cpu_throttled_seconds_total{{process=\"{process}\"}}");
+    assert!(text.contains(&series), "no {series} in\n{text}");
+    common::metric(
+        &text,
+        "wasmproc_cpu_throttled_seconds_total",
+        &[&format!("process=\"{process}\"")],
+    )
+}
+
 #[test]
 fn a_type_under_a_cpu_limit_sleeps_to_stay_within_it_while_others_answer() {
-    // `testbed` may compute on a tenth of a core; two of its guests spin
-    // until their deadline.
+    // `testbed` may run wasm on a tenth of a core.
     let host = Host::start(&attacked(
         "",
         "scale = 4\nlimits = { timeout = \"1s\", cpu = 0.1 }",
     ));
+    // Waiting is not computing: requests that mostly sleep are never held
+    // back, however many ticks they span.
+    for _ in 0..10 {
+        assert_eq!(host.get("/sleep?ms=20").status, 200);
+    }
+    assert_eq!(throttled(&host, "testbed"), 0.0);
+
+    // Short units add up: four clients asking for 300 µs of computing
+    // each, for half a second. Unlimited, two cores serve thousands; a
+    // tenth of a core (host calls aside) a few hundred.
+    let spins: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = host.addr.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_millis(500);
+                let mut served = 0;
+                while Instant::now() < until {
+                    let reply = request(&addr, "GET", "/spin?us=300", None, None);
+                    assert_eq!(reply.status, 200, "{reply:?}");
+                    served += 1;
+                }
+                served
+            })
+        })
+        .collect();
+    let served: u32 = spins.into_iter().map(|s| s.join().unwrap()).sum();
+    assert!(served < 1000, "{served} spins of 300 µs in half a second");
+    assert!(throttled(&host, "testbed") > 0.0);
+
+    // Two guests spin until their deadline, most of it asleep; the
+    // bystander answers meanwhile and is never held back.
+    let before = throttled(&host, "testbed");
     let spinning: Vec<_> = (0..2)
         .map(|_| {
             let addr = host.addr.clone();
             std::thread::spawn(move || request(&addr, "GET", "/loop", None, None))
         })
         .collect();
-    // The bystander answers meanwhile.
     let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
         assert_eq!(host.get("/hello").status, 200);
@@ -527,22 +570,22 @@ fn a_type_under_a_cpu_limit_sleeps_to_stay_within_it_while_others_answer() {
         assert_eq!(reply.status, 504, "{reply:?}");
         assert_eq!(reply.body, "`testbed` did not answer within 1s\n");
     }
-    // Each spun for a second at a tenth of a core: most of it asleep (two
-    // guests sharing 0.1 core for 1 s compute 0.1 s between them).
-    let text = host.metrics();
-    let slept = |process: &str| {
-        common::metric(
-            &text,
-            "wasmproc_cpu_throttled_seconds_total",
-            &[&format!("process=\"{process}\"")],
-        )
-    };
-    assert!(
-        slept("testbed") > 1.2,
-        "slept {} s\n{text}",
-        slept("testbed")
+    // Two guests sharing a tenth of a core for a second compute a tenth
+    // of a second between them: nearly two seconds asleep.
+    let slept = throttled(&host, "testbed") - before;
+    assert!(slept > 1.2, "slept {slept} s");
+    assert_eq!(throttled(&host, "hello"), 0.0);
+}
+
+#[test]
+fn a_guest_gets_at_most_a_mebibyte_of_randomness_per_call() {
+    // More would cost the host tens of milliseconds of an executor thread.
+    let host = Host::start(&attacked("", ""));
+    let reply = host.get("/random?bytes=1048576");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (200, "1048576 random bytes\n")
     );
-    assert_eq!(slept("hello"), 0.0);
-    // The type serves again once the spinners are gone.
-    assert_eq!(host.get("/").status, 200);
+    assert_eq!(host.get("/random?bytes=1048577").status, 500);
+    assert_eq!(host.get("/hello").status, 200);
 }

@@ -24,6 +24,8 @@
 //! | `/streams?n=N`      | holds N stdout streams, then answers                       |
 //! | `/print?parts=a,b`  | writes each part to stderr with a write of its own         |
 //! | `/flood?n=N`        | prints N lines to stdout as fast as it can                 |
+//! | `/spin?us=N`        | computes for N µs of the monotonic clock, then answers     |
+//! | `/random?bytes=N`   | asks the host for N random bytes in one call; answers how many it got or the trap |
 
 use std::io::{Read as _, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -166,6 +168,26 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                     Some(n) => respond(out, 200, &vec![b'z'; n]),
                     None => respond(out, 200, format!("slept {ms}\n").as_bytes()),
                 }
+            }
+            "/spin" => {
+                let us: u64 = query_param(query, "us")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(100);
+                let until = std::time::Instant::now() + std::time::Duration::from_micros(us);
+                let mut x: u64 = 0;
+                while std::time::Instant::now() < until {
+                    for _ in 0..100 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+                respond(out, 200, format!("spun {us}\n").as_bytes());
+            }
+            "/random" => {
+                let n: u64 = query_param(query, "bytes")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(16);
+                let bytes = wasip2::random::random::get_random_bytes(n);
+                respond(out, 200, format!("{} random bytes\n", bytes.len()).as_bytes());
             }
             "/counter" => {
                 let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;

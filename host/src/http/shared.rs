@@ -358,6 +358,7 @@ async fn serve_requests(
                 deadlines.remove(&(deadline, id));
                 set_deadline(accessor, &deadlines, limits.timeout);
                 in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                accessor.with(|mut access| pool.charge_cpu(access.data_mut()));
                 served += 1;
                 shared.free(seats);
                 let ended: oneshot::Sender<Result<(), Failure>> = ended;

@@ -31,6 +31,7 @@ use crate::bindings::queue;
 use crate::formation::ProcessType;
 use crate::keyvalue::KeyValue;
 use crate::outbound::{Outbound, TypeOutbound};
+use crate::pool::cpu::CpuClock;
 use crate::queue::{NewMessage, QueueError, Queues};
 use crate::throttle::Throttle;
 use log::GuestLog;
@@ -51,9 +52,8 @@ pub struct InstanceState {
     pub memory_exceeded: bool,
     /// When the current unit must end; checked on every epoch tick.
     pub deadline: Instant,
-    /// When the current unit began, or the guest last resumed after a stop
-    /// at a tick under `limits.cpu`: what it is charged from.
-    pub resumed: Instant,
+    /// The wasm time it ran and was not yet charged for, under `limits.cpu`.
+    pub cpu: CpuClock,
     instance: Arc<str>,
     grants: Arc<Grants>,
     /// Warnings the guest causes (denied enqueues), at most a few a second.
@@ -111,19 +111,23 @@ impl InstanceState {
         http.set_field_size_limit(usize::try_from(process.limits.headers).unwrap_or(usize::MAX));
         InstanceState {
             table,
-            wasi: wasi.build(),
+            wasi: wasi.max_random_size(MAX_RANDOM_BYTES).build(),
             http,
             hooks: grants.outbound.for_instance(instance),
             memory_limit: usize::try_from(process.limits.memory).unwrap_or(usize::MAX),
             memory_exceeded: false,
             deadline: Instant::now(),
-            resumed: Instant::now(),
+            cpu: CpuClock::default(),
             instance: instance.clone(),
             grants: grants.clone(),
             warnings: Throttle::per_second(WARNINGS_PER_SECOND),
         }
     }
 }
+
+/// Most random bytes a guest may ask for in one call (wasmtime's default is
+/// 64 MiB, tens of milliseconds of the host's CPU on an executor thread).
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
 /// Warnings a guest may cause per second (with a burst of ten seconds' worth).
 const WARNINGS_PER_SECOND: u32 = 1;

@@ -57,7 +57,7 @@
 //!
 //! [`EPOCH_TICK`]: crate::engine::EPOCH_TICK
 
-mod cpu;
+pub mod cpu;
 mod failure;
 pub mod slots;
 mod stats;
@@ -309,7 +309,7 @@ impl<W: World> Pool<W> {
         let cpu = process
             .limits
             .cpu_millicores
-            .map(|m| Arc::new(CpuShare::new(m)));
+            .map(|m| Arc::new(CpuShare::new(m, process.limits.timeout)));
         let pool = Pool {
             slots: Mutex::new(Slots::new(&process.name)),
             free: Semaphore::new(0),
@@ -605,23 +605,35 @@ impl<W: World> Pool<W> {
             let Some(cpu) = &cpu else {
                 return Ok(UpdateDeadline::Yield(1));
             };
-            // See `cpu`: charge what it computed since it began or last
-            // resumed, and sleep (never past the deadline) if the type is
-            // ahead.
-            let ran = now.saturating_duration_since(state.resumed);
+            // See `cpu`: charge what it ran, and sleep (never past the
+            // deadline) if the type is ahead of its share.
+            let ran = state.cpu.take(now);
             let wait = cpu
                 .charge(now, ran)
                 .min(state.deadline.saturating_duration_since(now));
-            state.resumed = now + wait;
             if wait.is_zero() {
                 return Ok(UpdateDeadline::Yield(1));
             }
+            state.cpu.resumes_at(now + wait);
             throttled.inc_by(wait.as_secs_f64());
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(tokio::time::sleep(wait)),
             ))
         });
+        if self.cpu.is_some() {
+            // The clock `limits.cpu` charges: wasm time only.
+            store.call_hook(|mut ctx, hook| {
+                let now = Instant::now();
+                let clock = &mut ctx.data_mut().cpu;
+                if hook.entering_host() {
+                    clock.pause(now);
+                } else {
+                    clock.resume(now);
+                }
+                Ok(())
+            });
+        }
         self.arm(&mut store);
         let exports =
             W::instantiate(&deployment.pre, &mut store)
@@ -642,9 +654,7 @@ impl<W: World> Pool<W> {
     /// Resets the per-unit budgets of a store: deadline, fuel, memory flag.
     pub(crate) fn arm(&self, store: &mut Store<InstanceState>) {
         let state = store.data_mut();
-        let now = Instant::now();
-        state.deadline = now + self.process.limits.timeout;
-        state.resumed = now;
+        state.deadline = Instant::now() + self.process.limits.timeout;
         state.memory_exceeded = false;
         store.set_epoch_deadline(1);
         if self.fuel_metered {
@@ -677,7 +687,27 @@ impl<W: World> Pool<W> {
             }
         };
         self.arm(&mut warm.instance.store);
+        if let Some(cpu) = &self.cpu {
+            // A type over its share waits before a unit starts (units that
+            // end between ticks are charged only when they end).
+            let now = Instant::now();
+            let deadline = warm.instance.store.data().deadline;
+            let wait = cpu.behind(now).min(deadline.saturating_duration_since(now));
+            if !wait.is_zero() {
+                self.stats.cpu_throttled_seconds.inc_by(wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+            }
+        }
         Ok(warm)
+    }
+
+    /// Charges the wasm time `state`'s guest ran and was not yet charged
+    /// for, at the end of a unit, to the type's share under `limits.cpu`.
+    pub(crate) fn charge_cpu(&self, state: &mut InstanceState) {
+        if let Some(cpu) = &self.cpu {
+            let now = Instant::now();
+            cpu.charge(now, state.cpu.take(now));
+        }
     }
 
     /// Counts a unit that starts now; [`Pool::end_unit`] counts its end. A
@@ -717,6 +747,8 @@ impl<W: World> Pool<W> {
         started: Instant,
     ) {
         self.end_unit(slot.name(), started, outcome);
+        let mut warm = warm;
+        self.charge_cpu(warm.instance.store.data_mut());
         if outcome.is_ok() {
             slot.keep(warm, self.process.reuse);
         }

@@ -187,7 +187,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Testbed {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(16);
                 let bytes = wasip2::random::random::get_random_bytes(n);
-                respond(out, 200, format!("{} random bytes\n", bytes.len()).as_bytes());
+                respond(
+                    out,
+                    200,
+                    format!("{} random bytes\n", bytes.len()).as_bytes(),
+                );
             }
             "/counter" => {
                 let n = COUNTER.fetch_add(1, Ordering::Relaxed) + 1;

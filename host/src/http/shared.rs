@@ -358,7 +358,9 @@ async fn serve_requests(
                 deadlines.remove(&(deadline, id));
                 set_deadline(accessor, &deadlines, limits.timeout);
                 in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                accessor.with(|mut access| pool.charge_cpu(access.data_mut()));
+                if let Some(cpu) = pool.cpu() {
+                    accessor.with(|mut access| cpu.after_unit(&mut access.data_mut().cpu));
+                }
                 served += 1;
                 shared.free(seats);
                 let ended: oneshot::Sender<Result<(), Failure>> = ended;

@@ -36,7 +36,10 @@
 //!   whole: its store runs on one thread at a time.
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::engine::EPOCH_TICK;
 
@@ -81,6 +84,9 @@ impl CpuClock {
     }
 }
 
+/// Seconds slept to stay within a share (the pool's metric).
+pub type Slept = Counter<f64, AtomicU64>;
+
 /// The schedule all instances of one type share.
 #[derive(Debug)]
 pub struct CpuShare {
@@ -90,17 +96,51 @@ pub struct CpuShare {
     horizon: Duration,
     /// When the type will be back on schedule (its theoretical arrival time).
     due: Mutex<Instant>,
+    /// What its guests and units slept.
+    slept: Slept,
 }
 
 impl CpuShare {
     /// A share of `millicores` thousandths of a core, never scheduled more
-    /// than `horizon` ahead.
-    pub fn new(millicores: u32, horizon: Duration) -> Self {
+    /// than `horizon` ahead, counting what it makes guests sleep in `slept`.
+    pub fn new(millicores: u32, horizon: Duration, slept: Slept) -> Self {
         CpuShare {
             per_core_second: 1000.0 / f64::from(millicores.max(1)),
             horizon,
             due: Mutex::new(Instant::now()),
+            slept,
         }
+    }
+
+    /// At an epoch tick of a computing guest: charges what its `clock` ran;
+    /// how long it must sleep before it goes on (never past `deadline`).
+    pub fn at_tick(&self, clock: &mut CpuClock, now: Instant, deadline: Instant) -> Duration {
+        let wait = self
+            .charge(now, clock.take(now))
+            .min(deadline.saturating_duration_since(now));
+        if !wait.is_zero() {
+            clock.resumes_at(now + wait);
+            self.slept.inc_by(wait.as_secs_f64());
+        }
+        wait
+    }
+
+    /// Before a unit starts: how long it must wait (never past `deadline`).
+    pub fn before_unit(&self, now: Instant, deadline: Instant) -> Duration {
+        let wait = self
+            .behind(now)
+            .min(deadline.saturating_duration_since(now));
+        if !wait.is_zero() {
+            self.slept.inc_by(wait.as_secs_f64());
+        }
+        wait
+    }
+
+    /// After a unit (or a request of a shared instance): charges what its
+    /// instance's `clock` ran and was not yet charged for.
+    pub fn after_unit(&self, clock: &mut CpuClock) {
+        let now = Instant::now();
+        self.charge(now, clock.take(now));
     }
 
     /// How far ahead of the schedule the type may run: one tick of wasm,
@@ -111,7 +151,7 @@ impl CpuShare {
 
     /// Charges `ran` of wasm time at `now`; how long the type must wait
     /// before it runs more (zero while it is within its credit).
-    pub fn charge(&self, now: Instant, ran: Duration) -> Duration {
+    fn charge(&self, now: Instant, ran: Duration) -> Duration {
         let cost = ran.mul_f64(self.per_core_second);
         let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
         *due = ((*due).max(now) + cost).min(now + self.horizon);
@@ -120,7 +160,7 @@ impl CpuShare {
 
     /// How long a unit starting at `now` must wait (zero while the type is
     /// within its credit).
-    pub fn behind(&self, now: Instant) -> Duration {
+    fn behind(&self, now: Instant) -> Duration {
         let due = self.due.lock().unwrap_or_else(|p| p.into_inner());
         due.saturating_duration_since(now + self.credit())
     }
@@ -139,7 +179,7 @@ mod tests {
     #[test]
     fn a_lone_tick_never_waits_whatever_the_share() {
         for millicores in [10, 100, 500, 1000, 4000] {
-            let share = CpuShare::new(millicores, LONG);
+            let share = CpuShare::new(millicores, LONG, Slept::default());
             assert_eq!(share.charge(later(), EPOCH_TICK), Duration::ZERO);
         }
     }
@@ -148,7 +188,7 @@ mod tests {
     fn a_type_past_its_share_waits_in_proportion() {
         // Half a core: each tick of wasm costs two ticks of real time; the
         // credit is one tick of wasm (two of real time).
-        let share = CpuShare::new(500, LONG);
+        let share = CpuShare::new(500, LONG, Slept::default());
         let now = later();
         assert_eq!(share.charge(now, EPOCH_TICK), Duration::ZERO);
         assert_eq!(share.charge(now, EPOCH_TICK), EPOCH_TICK * 2);
@@ -163,7 +203,7 @@ mod tests {
     fn many_short_units_add_up() {
         // A tenth of a core: a thousand units of 20 µs are 20 ms of wasm,
         // 200 ms of real time.
-        let share = CpuShare::new(100, LONG);
+        let share = CpuShare::new(100, LONG, Slept::default());
         let now = later();
         for _ in 0..1000 {
             share.charge(now, Duration::from_micros(20));
@@ -180,7 +220,7 @@ mod tests {
 
     #[test]
     fn the_schedule_never_runs_past_its_horizon() {
-        let share = CpuShare::new(10, Duration::from_secs(1));
+        let share = CpuShare::new(10, Duration::from_secs(1), Slept::default());
         let now = later();
         for _ in 0..1000 {
             share.charge(now, EPOCH_TICK);
@@ -193,7 +233,7 @@ mod tests {
     #[test]
     fn several_cores_let_several_instances_compute_at_once() {
         // Two cores: a tick of wasm costs half a tick of real time.
-        let share = CpuShare::new(2000, LONG);
+        let share = CpuShare::new(2000, LONG, Slept::default());
         let now = later();
         for _ in 0..2 {
             assert_eq!(share.charge(now, EPOCH_TICK), Duration::ZERO);

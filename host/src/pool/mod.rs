@@ -306,10 +306,11 @@ impl<W: World> Pool<W> {
             parts.queues.cloned(),
             parts.keyvalue.cloned(),
         ));
-        let cpu = process
-            .limits
-            .cpu_millicores
-            .map(|m| Arc::new(CpuShare::new(m, process.limits.timeout)));
+        let stats = Stats::default();
+        let cpu = process.limits.cpu_millicores.map(|m| {
+            let slept = stats.cpu_throttled_seconds.clone();
+            Arc::new(CpuShare::new(m, process.limits.timeout, slept))
+        });
         let pool = Pool {
             slots: Mutex::new(Slots::new(&process.name)),
             free: Semaphore::new(0),
@@ -323,7 +324,7 @@ impl<W: World> Pool<W> {
             cpu,
             supervisor: Supervisor::default(),
             state: W::State::default(),
-            stats: Stats::default(),
+            stats,
         };
         pool.scale_to(pool.process.scale);
         Ok(pool)
@@ -595,31 +596,21 @@ impl<W: World> Pool<W> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state);
         let cpu = self.cpu.clone();
-        let throttled = self.stats.cpu_throttled_seconds.clone();
         store.epoch_deadline_callback(move |mut ctx| {
             let now = Instant::now();
             let state = ctx.data_mut();
             if now >= state.deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            let Some(cpu) = &cpu else {
-                return Ok(UpdateDeadline::Yield(1));
-            };
-            // See `cpu`: charge what it ran, and sleep (never past the
-            // deadline) if the type is ahead of its share.
-            let ran = state.cpu.take(now);
-            let wait = cpu
-                .charge(now, ran)
-                .min(state.deadline.saturating_duration_since(now));
-            if wait.is_zero() {
-                return Ok(UpdateDeadline::Yield(1));
-            }
-            state.cpu.resumes_at(now + wait);
-            throttled.inc_by(wait.as_secs_f64());
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::time::sleep(wait)),
-            ))
+            // Under `limits.cpu`, a guest ahead of its type's share sleeps.
+            let wait = cpu.as_ref().map_or(Duration::ZERO, |cpu| {
+                cpu.at_tick(&mut state.cpu, now, state.deadline)
+            });
+            Ok(if wait.is_zero() {
+                UpdateDeadline::Yield(1)
+            } else {
+                UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(wait)))
+            })
         });
         if self.cpu.is_some() {
             // The clock `limits.cpu` charges: wasm time only.
@@ -690,24 +681,17 @@ impl<W: World> Pool<W> {
         if let Some(cpu) = &self.cpu {
             // A type over its share waits before a unit starts (units that
             // end between ticks are charged only when they end).
-            let now = Instant::now();
-            let deadline = warm.instance.store.data().deadline;
-            let wait = cpu.behind(now).min(deadline.saturating_duration_since(now));
+            let wait = cpu.before_unit(Instant::now(), warm.instance.store.data().deadline);
             if !wait.is_zero() {
-                self.stats.cpu_throttled_seconds.inc_by(wait.as_secs_f64());
                 tokio::time::sleep(wait).await;
             }
         }
         Ok(warm)
     }
 
-    /// Charges the wasm time `state`'s guest ran and was not yet charged
-    /// for, at the end of a unit, to the type's share under `limits.cpu`.
-    pub(crate) fn charge_cpu(&self, state: &mut InstanceState) {
-        if let Some(cpu) = &self.cpu {
-            let now = Instant::now();
-            cpu.charge(now, state.cpu.take(now));
-        }
+    /// The type's share of the cores, under `limits.cpu`.
+    pub(crate) fn cpu(&self) -> Option<&CpuShare> {
+        self.cpu.as_deref()
     }
 
     /// Counts a unit that starts now; [`Pool::end_unit`] counts its end. A
@@ -742,13 +726,14 @@ impl<W: World> Pool<W> {
     fn checkin(
         &self,
         slot: &mut Slot<Live<W::Exports>>,
-        warm: Warm<Live<W::Exports>>,
+        mut warm: Warm<Live<W::Exports>>,
         outcome: Result<(), &Failure>,
         started: Instant,
     ) {
         self.end_unit(slot.name(), started, outcome);
-        let mut warm = warm;
-        self.charge_cpu(warm.instance.store.data_mut());
+        if let Some(cpu) = &self.cpu {
+            cpu.after_unit(&mut warm.instance.store.data_mut().cpu);
+        }
         if outcome.is_ok() {
             slot.keep(warm, self.process.reuse);
         }
